@@ -1,0 +1,545 @@
+"""The action runner: one action from its model to its final state.
+
+``ActionRunner.start()`` runs in the caller's thread: it writes embedded files, resolves
+the command, arguments, runtime limit and cancel method, and starts the process. Failures
+up to that point end the action FAILED before ``start()`` returns. Then one thread per
+action streams output, applies ``openjd_*`` messages, enforces the runtime limit and the
+notify period of a cancel, and reports the final state. Results go up to the session
+through one callback that receives ``RunnerEvent`` values.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from openjd.model import FormatStringError, SymbolTable
+from openjd.model.v2023_09 import (
+    Action,
+    CancelationMethodNotifyThenTerminate,
+    EmbeddedFileText,
+)
+
+from ._embedded_files import materialize_embedded_files
+from ._env_vars import EnvOverrides
+from ._files import utc_timestamp, write_cancel_info
+from ._logging import LogContent, SessionLogger
+from ._messages import Redactor
+from ._output_handler import OutputHandler
+from ._process import ActionProcess, ProcessRequest, build_process_env
+from ._proctree import SessionProcesses
+from ._session_user import SessionUser
+from ._types import ActionState, ActionStatus
+
+__all__ = ("ActionInput", "ActionRunner", "EnvChanged", "RunnerEvent", "StatusChanged")
+
+_DRAIN_FIRST_WAIT = 1.0
+_DRAIN_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """The action's status changed; ``final`` is True exactly once, at the end."""
+
+    status: ActionStatus
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class EnvChanged:
+    """An environment action set (``value`` is a str) or unset (None) a variable."""
+
+    name: str
+    value: Optional[str]
+
+
+RunnerEvent = Union[StatusChanged, EnvChanged]
+
+
+@dataclass
+class ActionInput:
+    """Everything the runner needs to run one action.
+
+    ``action`` is a template action resolved against ``symtab``; ``argv`` is used instead
+    for ``run_subprocess``, whose command and arguments are literal.
+    """
+
+    kind: str  # "enter", "exit", "task" or "subprocess"
+    env: EnvOverrides
+    action: Optional[Action] = None
+    argv: Optional[list[str]] = None
+    symtab: SymbolTable = field(default_factory=SymbolTable)
+    embedded_files: Sequence[EmbeddedFileText] = ()
+    files_prefix: str = "Task.File"
+    default_timeout: Optional[int] = None
+    default_notify_period: int = 120
+    timeout: Optional[int] = None
+    write_path_mapping_file: Optional[Callable[[], Path]] = None
+
+    @property
+    def is_environment(self) -> bool:
+        return self.kind in ("enter", "exit")
+
+
+class PrelaunchError(Exception):
+    """The action cannot start; the message is reported as its fail_message."""
+
+
+@dataclass
+class _Cancel:
+    mark_failed: bool = False
+    timed_out: bool = False  # The runtime limit issued the first cancel.
+    grace_deadline: Optional[float] = None
+
+
+class ActionRunner:
+    """Runs one action and owns its status until the final state is reported."""
+
+    def __init__(
+        self,
+        *,
+        logger: SessionLogger,
+        redactor: Redactor,
+        redaction_enabled: bool,
+        processes: SessionProcesses,
+        working_directory: Path,
+        files_directory: Path,
+        user: Optional[SessionUser],
+        on_event: Callable[[RunnerEvent], None],
+        on_secret: Callable[[], None],
+    ) -> None:
+        self._logger = logger
+        self._on_secret = on_secret
+        self._redactor = redactor
+        self._processes = processes
+        self._working_directory = working_directory
+        self._files_directory = files_directory
+        self._user = user
+        self._on_event = on_event
+        self._redaction_enabled = redaction_enabled
+
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+        self._process: Optional[ActionProcess] = None
+        self._thread: Optional[threading.Thread] = None
+        self._cancel: Optional[_Cancel] = None
+        self._notify_period = 0.0
+        self._terminate_only = True
+        self._timeout_deadline: Optional[float] = None
+        self._state = ActionState.RUNNING
+        self._progress: Optional[float] = None
+        self._status_message: Optional[str] = None
+        self._fail_message: Optional[str] = None
+        self._exit_code: Optional[int] = None
+
+    def __repr__(self) -> str:
+        pid = self._process.pid if self._process is not None else None
+        return f"<ActionRunner pid={pid} state={self._state.value}>"
+
+    # ----- status -----------------------------------------------------------------------
+
+    @property
+    def status(self) -> ActionStatus:
+        redact = self._redactor.redact if self._redactor.active else None
+        status_message = self._status_message
+        fail_message = self._fail_message
+        if redact is not None:
+            status_message = redact(status_message) if status_message is not None else None
+            fail_message = redact(fail_message) if fail_message is not None else None
+        return ActionStatus(
+            state=self._state,
+            progress=self._progress,
+            status_message=status_message,
+            fail_message=fail_message,
+            exit_code=self._exit_code,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the final state was reported; return False on timeout."""
+        return self._done.wait(timeout)
+
+    def notify_status(self) -> None:
+        self._on_event(StatusChanged(self.status))
+
+    def set_progress(self, value: float) -> None:
+        self._progress = value
+        self.notify_status()
+
+    def set_status_message(self, text: str) -> None:
+        self._status_message = text
+        self.notify_status()
+
+    def set_fail_message(self, text: str, *, notify: bool = True) -> None:
+        self._fail_message = text
+        if notify:
+            self.notify_status()
+
+    def emit_env(self, name: str, value: Optional[str]) -> None:
+        self._on_event(EnvChanged(name, value))
+
+    # ----- start ------------------------------------------------------------------------
+
+    def start(self, request: ActionInput) -> None:
+        """Start the action; on a failure before launch, end it FAILED before returning."""
+        if request.action is None and request.argv is None:
+            self._finish(ActionState.SUCCESS)
+            return
+        self._logger.subsection_banner("Phase: Setup")
+        try:
+            argv = self._prepare(request)
+        except PrelaunchError as err:
+            self._fail_before_launch(str(err))
+            return
+
+        self._logger.subsection_banner("Phase: Running action")
+        self._logger.info("Running command %s", _join(argv), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
+        handler = OutputHandler(
+            self,
+            self._logger,
+            self._redactor,
+            request.is_environment,
+            self._redaction_enabled,
+            self._on_secret,
+        )
+        process_request = ProcessRequest(
+            argv=argv, env=build_process_env(request.env), cwd=self._working_directory
+        )
+        try:
+            process = ActionProcess(process_request, self._processes, handler.handle_lines)
+        except OSError as err:
+            self._logger.info(
+                f"Process failed to start: {err}",
+                content=LogContent.EXCEPTION_INFO | LogContent.PROCESS_CONTROL,
+            )
+            self._fail_before_launch(_start_failure_reason(argv[0], err), log=False)
+            return
+        self._process = process
+        handler.process = process
+        if request.timeout is not None:
+            self._timeout_deadline = time.monotonic() + request.timeout
+        self._logger.info(f"Command started as pid: {process.pid}", content=LogContent.PROCESS_CONTROL)
+        self._logger.info("Output:", content=LogContent.BANNER | LogContent.COMMAND_OUTPUT)
+
+        self.notify_status()
+        self._thread = threading.Thread(
+            target=self._run, name=f"openjd-action-{process.pid}", daemon=True
+        )
+        self._thread.start()
+
+    def start_failed(self, reason: str) -> None:
+        """End the action FAILED with ``reason`` before anything was started."""
+        self._fail_before_launch(reason)
+
+    def _prepare(self, request: ActionInput) -> list[str]:
+        if request.argv is not None:
+            request.timeout = request.timeout or request.default_timeout
+            return list(request.argv)
+        action = request.action
+        assert action is not None
+        symtab = request.symtab
+        texts = [str(action.command), *(str(arg) for arg in action.args or ())]
+        texts.extend(str(file.data) for file in request.embedded_files)
+        if request.write_path_mapping_file is not None and any(
+            "Session.PathMappingRulesFile" in text for text in texts
+        ):
+            try:
+                path = request.write_path_mapping_file()
+            except OSError as err:
+                raise PrelaunchError(f"Could not write the path mapping rules file: {err}") from err
+            symtab = SymbolTable(source=symtab)
+            symtab["Session.PathMappingRulesFile"] = str(path)
+
+        if request.embedded_files:
+            try:
+                symtab = materialize_embedded_files(
+                    request.embedded_files,
+                    files_directory=self._files_directory,
+                    symtab=symtab,
+                    prefix=request.files_prefix,
+                    target="Environment" if request.is_environment else "Task",
+                    user=self._user,
+                    logger=self._logger,
+                )
+            except RuntimeError as err:
+                raise PrelaunchError(str(err)) from err
+
+        try:
+            argv = [action.command.resolve(symtab=symtab)]
+            argv.extend(arg.resolve(symtab=symtab) for arg in action.args or ())
+        except FormatStringError as err:
+            raise PrelaunchError(str(err)) from err
+        request.timeout = _resolve_seconds(action.timeout, symtab, "timeout") or request.default_timeout
+        self._configure_cancel(action, symtab, request.default_notify_period)
+        return argv
+
+    def _configure_cancel(self, action: Action, symtab: SymbolTable, default_period: int) -> None:
+        method = action.cancelation
+        if isinstance(method, CancelationMethodNotifyThenTerminate):
+            self._terminate_only = False
+            period = _resolve_seconds(method.notifyPeriodInSeconds, symtab, "notifyPeriodInSeconds")
+            self._notify_period = float(period or default_period)
+
+    def _fail_before_launch(self, reason: str, *, log: bool = True) -> None:
+        if log:
+            self._logger.info(f"openjd_fail: {reason}", content=LogContent.EXCEPTION_INFO)
+        self.set_fail_message(reason)
+        self._finish(ActionState.FAILED)
+
+    # ----- cancel -----------------------------------------------------------------------
+
+    def cancel(
+        self,
+        *,
+        time_limit: Optional[timedelta] = None,
+        mark_failed: bool = False,
+        timed_out: bool = False,
+    ) -> None:
+        """Cancel with the action's method; return without waiting for the process."""
+        with self._lock:
+            process = self._process
+            if process is None or self._done.is_set():
+                return
+            first = self._cancel is None
+            if self._cancel is None:
+                self._cancel = _Cancel(timed_out=timed_out)
+            self._cancel.mark_failed = mark_failed
+            now = datetime.now(timezone.utc)
+            if self._terminate_only or (time_limit is not None and time_limit <= timedelta(0)):
+                if first or self._terminate_only:
+                    method = "termination" if self._terminate_only else "notify then terminate"
+                    self._logger.info(
+                        f"Canceling subprocess {process.pid} via {method} method at {utc_timestamp(now)}.",
+                        content=LogContent.PROCESS_CONTROL,
+                    )
+                self._terminate(process)
+            else:
+                self._notify(process, now, time_limit)
+        process.wake()
+
+    def _notify(self, process: ActionProcess, now: datetime, time_limit: Optional[timedelta]) -> None:
+        assert self._cancel is not None
+        grace = self._notify_period
+        if time_limit is not None:
+            grace = min(grace, time_limit.total_seconds())
+        if self._cancel.grace_deadline is not None:
+            grace = min(grace, max(0.0, self._cancel.grace_deadline - time.monotonic()))
+        self._logger.info(
+            f"Canceling subprocess {process.pid} via notify then terminate method at {utc_timestamp(now)}.",
+            content=LogContent.PROCESS_CONTROL,
+        )
+        end = now + timedelta(seconds=grace)
+        try:
+            write_cancel_info(self._working_directory, end, self._user)
+        except OSError as err:
+            self._logger.warning(
+                f"Could not write cancel_info.json to {self._working_directory}: {err}",
+                content=LogContent.EXCEPTION_INFO | LogContent.FILE_PATH,
+            )
+        self._logger.info(f"Grace period ends at {utc_timestamp(end)}", content=LogContent.PROCESS_CONTROL)
+        self._cancel.grace_deadline = time.monotonic() + grace
+        if process.exited:
+            return
+        self._logger.info(f'INTERRUPT: Sending signal "term" to process {process.pid}', content=LogContent.PROCESS_CONTROL)
+        try:
+            process.send_signal(_notify_signal())
+        except OSError as err:
+            self._logger.warning(
+                f"INTERRUPT: Unable to send term to {process.pid}: {err}", content=LogContent.PROCESS_CONTROL
+            )
+
+    def _terminate(self, process: ActionProcess) -> None:
+        if self._cancel is not None:
+            self._cancel.grace_deadline = None
+        self._logger.info(
+            f'INTERRUPT: Sending signal "kill" to process group {process.pid}',
+            content=LogContent.PROCESS_CONTROL,
+        )
+        try:
+            killed = process.kill_tree()
+        except OSError as err:
+            self._logger.error(
+                f"Cancelation could not send terminate signal to process {process.pid}: {err}",
+                content=LogContent.PROCESS_CONTROL | LogContent.EXCEPTION_INFO,
+            )
+            return
+        others = sorted(pid for pid in killed if pid != process.pid)
+        if others:
+            self._logger.info(
+                f"INTERRUPT: Also killed {len(others)} descendant process(es) of pid {process.pid}: {others}",
+                content=LogContent.PROCESS_CONTROL,
+            )
+
+    # ----- the action thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        process = self._process
+        assert process is not None
+        exit_seen: Optional[float] = None
+        warned = False
+        try:
+            while True:
+                now = time.monotonic()
+                self._check_deadlines(process, now)
+                if process.exited and process.output_closed:
+                    break
+                if process.exited:
+                    if exit_seen is None:
+                        exit_seen = now
+                        if self._cancel is not None:
+                            with self._lock:
+                                process.kill_tree()
+                    if not warned and now >= exit_seen + _DRAIN_FIRST_WAIT:
+                        warned = True
+                        self._logger.warning(
+                            "Command exited but STDOUT stream is still open. Waiting gracetime of "
+                            "5 seconds for the STDOUT stream to close before ending action.",
+                            content=LogContent.PROCESS_CONTROL,
+                        )
+                    if now >= exit_seen + _DRAIN_FIRST_WAIT + _DRAIN_GRACE:
+                        self._logger.warning(
+                            "Gracetime of 5 seconds elapsed but the STDOUT stream is still open. "
+                            "Ending action.",
+                            content=LogContent.PROCESS_CONTROL,
+                        )
+                        process.flush_partial_output()
+                        break
+                process.pump(self._next_wait(process, exit_seen, warned, now))
+        except Exception:
+            self._logger.exception(
+                "Error running subprocess", content=LogContent.PROCESS_CONTROL | LogContent.EXCEPTION_INFO
+            )
+            with self._lock:
+                process.kill_tree()
+        self._end(process)
+
+    def _check_deadlines(self, process: ActionProcess, now: float) -> None:
+        if self._timeout_deadline is not None and now >= self._timeout_deadline:
+            self._timeout_deadline = None
+            if not process.exited:
+                self._logger.info(
+                    "TIMEOUT - Runtime limit reached at %s. Canceling action.",
+                    utc_timestamp(datetime.now(timezone.utc)),
+                    content=LogContent.PROCESS_CONTROL,
+                )
+                self.cancel(timed_out=True, mark_failed=self._cancel.mark_failed if self._cancel else False)
+        cancel = self._cancel
+        if cancel is not None and cancel.grace_deadline is not None and now >= cancel.grace_deadline:
+            with self._lock:
+                cancel.grace_deadline = None
+                if not process.exited:
+                    self._logger.info(
+                        "Notify period ended. Terminate at %s",
+                        utc_timestamp(datetime.now(timezone.utc)),
+                        content=LogContent.PROCESS_CONTROL,
+                    )
+                    self._terminate(process)
+
+    def _next_wait(self, process: ActionProcess, exit_seen: Optional[float], warned: bool, now: float) -> Optional[float]:
+        deadlines = []
+        if self._timeout_deadline is not None:
+            deadlines.append(self._timeout_deadline)
+        if self._cancel is not None and self._cancel.grace_deadline is not None:
+            deadlines.append(self._cancel.grace_deadline)
+        if exit_seen is not None:
+            deadlines.append(exit_seen + (_DRAIN_FIRST_WAIT + _DRAIN_GRACE if warned else _DRAIN_FIRST_WAIT))
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _end(self, process: ActionProcess) -> None:
+        process.close()
+        code = process.returncode
+        assert code is not None
+        self._logger.info(_exit_code_line(process.pid, code), content=LogContent.PROCESS_CONTROL)
+        if process.usage is not None:
+            usage = process.usage
+            self._logger.debug(
+                f"Resource usage of pid {process.pid} and the descendants it waited for: "
+                f"user {usage.user_seconds:.3f} s, system {usage.system_seconds:.3f} s, "
+                f"max RSS {usage.max_rss_kib} KiB",
+                content=LogContent.PROCESS_CONTROL,
+            )
+        self._exit_code = code
+        cancel = self._cancel
+        if cancel is not None and cancel.mark_failed:
+            state = ActionState.FAILED
+        elif cancel is not None and cancel.timed_out:
+            state = ActionState.TIMEOUT
+        elif cancel is not None:
+            state = ActionState.CANCELED
+        elif code != 0:
+            state = ActionState.FAILED
+        else:
+            state = ActionState.SUCCESS
+        self._finish(state)
+
+    def _finish(self, state: ActionState) -> None:
+        with self._lock:
+            self._state = state
+            self._done.set()
+        self._on_event(StatusChanged(self.status, final=True))
+
+    def fail_with_cancel(self, message: str) -> None:
+        """Fail the running action: record ``message`` and cancel it with its own method."""
+        self.set_fail_message(message, notify=False)
+        self.cancel(mark_failed=True)
+
+
+def _resolve_seconds(value: object, symtab: SymbolTable, field_name: str) -> Optional[int]:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        text = value.resolve(symtab=symtab)  # type: ignore[attr-defined]
+        seconds = int(text)
+    except FormatStringError as err:
+        raise PrelaunchError(f"Could not resolve {field_name}: {err}") from err
+    except ValueError as err:
+        raise PrelaunchError(
+            f"Invalid {field_name} {text!r}: it must resolve to a whole number of seconds."
+        ) from err
+    if seconds <= 0:
+        raise PrelaunchError(f"Invalid {field_name} {seconds}: it must be a positive number of seconds.")
+    return seconds
+
+
+def _notify_signal() -> int:
+    import signal
+
+    return int(signal.SIGTERM)
+
+
+def _join(argv: Sequence[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def _start_failure_reason(command: str, err: OSError) -> str:
+    if isinstance(err, FileNotFoundError):
+        return (
+            f"Command not found: {command!r}. Check the command name, or give its absolute path "
+            "or add its directory to PATH."
+        )
+    if isinstance(err, PermissionError):
+        return f"Command {command!r} could not be run: {err.strerror}. Check that the file is executable."
+    return f"Process failed to start: {err}"
+
+
+def _exit_code_line(pid: int, code: int) -> str:
+    line = f"Process pid {pid} exited with code: {code} (unsigned) / {hex(code)} (hex)"
+    if code >= 0x7FFFFFFF:
+        signed = code & 0xFFFFFFFF
+        if signed >= 0x80000000:
+            signed -= 1 << 32
+        line += f" / {signed} (signed)"
+    return line
+

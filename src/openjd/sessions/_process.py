@@ -1,0 +1,249 @@
+"""The process layer: start one action's process, stream its output, signal it, reap it.
+
+An ``ActionProcess`` owns the child, the read end of its output pipe and a wake-up pipe.
+The action runner drives it from one thread with ``pump()``, which blocks on the output
+pipe, the child's exit and the wake-up pipe together (epoll or kqueue through
+``selectors``), so no loop polls on a timer. On Linux the child's exit is observed through a
+pidfd; elsewhere a small thread blocks in ``wait4`` and writes to the wake-up pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ._output import LineSplitter
+from ._proctree import ActionProcesses, SessionProcesses
+
+__all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_env")
+
+_READ_SIZE = 1 << 16
+_F_SETPIPE_SZ = 1031  # Linux fcntl command; a larger pipe means fewer wake-ups per MiB.
+_PIPE_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ProcessRequest:
+    """What to start: an argument vector, its environment and working directory."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """CPU time and peak memory of a finished process and the descendants it waited for."""
+
+    user_seconds: float
+    system_seconds: float
+    max_rss_kib: int
+
+
+def build_process_env(overrides: Mapping[str, Optional[str]]) -> dict[str, str]:
+    """Merge ``overrides`` over this process's environment; None values remove a variable."""
+    env = dict(os.environ)
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+class ActionProcess:
+    """One running action process and its output pipe."""
+
+    def __init__(
+        self,
+        request: ProcessRequest,
+        tracker: SessionProcesses,
+        on_lines: Callable[[list[str]], None],
+    ) -> None:
+        """Start the process; raise OSError if it cannot start.
+
+        The child gets its own session and process group, stdin from /dev/null, and stdout
+        and stderr on one pipe.
+        """
+        self._on_lines = on_lines
+        self._splitter = LineSplitter()
+        self._lock = threading.Lock()
+        self.returncode: Optional[int] = None
+        self.usage: Optional[ResourceUsage] = None
+        self.output_closed = False
+
+        self._popen = _start(request)
+        self.pid = self._popen.pid
+        self.processes: ActionProcesses = tracker.track(self.pid)
+
+        assert self._popen.stdout is not None
+        self._stdout = self._popen.stdout
+        self._stdout_fd = self._stdout.fileno()
+        os.set_blocking(self._stdout_fd, False)
+        if sys.platform.startswith("linux"):
+            try:
+                fcntl.fcntl(self._stdout_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass  # Above /proc/sys/fs/pipe-max-size: the default size still works.
+
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._stdout_fd, selectors.EVENT_READ, "output")
+        self._selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        self._pidfd: Optional[int] = None
+        self._watch_exit()
+
+    def __repr__(self) -> str:
+        return f"<ActionProcess pid={self.pid} returncode={self.returncode}>"
+
+    def _watch_exit(self) -> None:
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self._pidfd = pidfd_open(self.pid)
+            except OSError:
+                self._pidfd = None
+        if self._pidfd is not None:
+            self._selector.register(self._pidfd, selectors.EVENT_READ, "exit")
+            return
+        waiter = threading.Thread(
+            target=self._wait_in_thread, name=f"openjd-wait-{self.pid}", daemon=True
+        )
+        waiter.start()
+
+    def _wait_in_thread(self) -> None:
+        # Wait without reaping, so that send_signal() never targets a reused pid.
+        try:
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass
+        self._reap(blocking=True)
+        self.wake()
+
+    def _reap(self, blocking: bool) -> None:
+        with self._lock:
+            if self.returncode is not None:
+                return
+            try:
+                pid, status, rusage = os.wait4(self.pid, 0 if blocking else os.WNOHANG)
+            except ChildProcessError:
+                pid, status, rusage = self.pid, 0, None
+            if pid == 0:
+                return
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._popen.returncode = self.returncode
+            if rusage is not None:
+                self.usage = ResourceUsage(rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss)
+
+    @property
+    def exited(self) -> bool:
+        """True once the main process has been reaped."""
+        return self.returncode is not None
+
+    def wake(self) -> None:
+        """Make a blocked ``pump()`` return; safe from any thread."""
+        try:
+            os.write(self._wake_write, b"\0")
+        except OSError:
+            pass  # Closed after the action finished, or the pipe is full: pump wakes anyway.
+
+    def pump(self, timeout: Optional[float]) -> None:
+        """Wait up to ``timeout`` seconds for output, exit or a wake-up, and handle them."""
+        if self.output_closed and self.exited:
+            return
+        for key, _ in self._selector.select(timeout):
+            if key.data == "output":
+                self._read_output()
+            elif key.data == "exit":
+                self._selector.unregister(key.fd)
+                self._reap(blocking=True)
+            else:
+                try:
+                    os.read(self._wake_read, 4096)
+                except BlockingIOError:
+                    pass
+
+    def _read_output(self) -> None:
+        try:
+            data = os.read(self._stdout_fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            data = b""
+        if data:
+            lines = self._splitter.feed(data)
+        else:
+            lines = self._splitter.finish()
+            self.output_closed = True
+            self._selector.unregister(self._stdout_fd)
+        if lines:
+            self._on_lines(lines)
+
+    def flush_partial_output(self) -> None:
+        """Deliver a final line that has no newline yet; used when the action stops waiting."""
+        lines = self._splitter.finish()
+        if lines:
+            self._on_lines(lines)
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the main process only, unless it was already reaped."""
+        with self._lock:
+            if self.returncode is None:
+                os.kill(self.pid, signum)
+
+    def kill_tree(self) -> list[int]:
+        """SIGKILL every process of the action, including descendants that left its group."""
+        return self.processes.kill()
+
+    def close(self) -> None:
+        """Release file descriptors; the process must have been reaped or killed."""
+        if not self.exited:
+            self._reap(blocking=True)
+        self._selector.close()
+        for fd in (self._wake_read, self._wake_write, self._pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._stdout.close()
+        self.processes.release()
+
+
+def _start(request: ProcessRequest) -> subprocess.Popen[bytes]:
+    argv = list(request.argv)
+    try:
+        return _popen(argv, request)
+    except OSError as err:
+        if err.errno != errno.ENOEXEC:
+            raise
+    # A runnable file without a "#!" line: run it with the shell, as execvp(3) and sh do.
+    return _popen(["/bin/sh", *argv], request)
+
+
+def _popen(argv: list[str], request: ProcessRequest) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=str(request.cwd),
+        env=dict(request.env),
+        start_new_session=True,
+    )
+
+
+NOTIFY_SIGNAL = signal.SIGTERM

@@ -1,0 +1,354 @@
+"""Output of the runner: text or JSON lines on stdout, a progress line and a summary on stderr.
+
+Writers are event sinks, so backends call ``emit`` from their own threads; one lock keeps
+lines whole and keeps the progress line below the latest output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, TextIO
+
+from .events import (
+    ActionEvent,
+    ActionKind,
+    Event,
+    JobResult,
+    LogEvent,
+    SessionEvent,
+    StepEvent,
+    StepResult,
+)
+
+__all__ = (
+    "JsonLinesWriter",
+    "OutputWriter",
+    "ProgressLine",
+    "TextWriter",
+    "event_to_dict",
+    "format_summary",
+    "make_writer",
+    "result_to_dict",
+)
+
+_FINAL_STATES = ("success", "failed", "canceled", "timeout")
+
+
+class ProgressLine:
+    """One status line on a terminal: step, tasks done of total, task progress, elapsed time.
+
+    It only tracks state and renders text. ``OutputWriter`` decides when to draw it.
+    """
+
+    def __init__(self, step_count: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._step_count = step_count
+        self._step_index = 0
+        self._step: Optional[str] = None
+        self._task_count = 0
+        self._tasks_done = 0
+        self._task_progress: Optional[float] = None
+        self._environment_action: Optional[str] = None
+
+    def update(self, event: Event) -> None:
+        if isinstance(event, StepEvent) and event.state == "started":
+            self._step_index += 1
+            self._step = event.step
+            self._task_count = event.task_count
+            self._tasks_done = 0
+            self._task_progress = None
+        elif isinstance(event, ActionEvent):
+            self._update_action(event)
+
+    def render(self) -> str:
+        parts = []
+        if self._step is not None:
+            parts.append(f"step {self._step_index}/{self._step_count} {self._step}")
+            parts.append(f"tasks {self._tasks_done}/{self._task_count}")
+        if self._environment_action is not None:
+            parts.append(self._environment_action)
+        elif self._task_progress is not None:
+            parts.append(f"task {self._task_progress:.0f}%")
+        parts.append(f"elapsed {format_duration(self._clock() - self._started)}")
+        return " | ".join(parts)
+
+    def _update_action(self, event: ActionEvent) -> None:
+        running = event.state == "running"
+        if event.kind == ActionKind.TASK:
+            self._environment_action = None
+            if running:
+                self._task_progress = event.progress
+            else:
+                self._tasks_done += 1
+                self._task_progress = None
+        else:
+            verb = "entering" if event.kind == ActionKind.ENTER else "exiting"
+            self._environment_action = f"{verb} {event.environment}" if running else None
+
+
+class OutputWriter:
+    """Base writer: serializes output and redraws the progress line around it."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO, progress: Optional[ProgressLine]) -> None:
+        self._stdout = stdout
+        self._stderr = stderr
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._drawn = ""
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            if self._progress is not None:
+                self._progress.update(event)
+            lines = self.format_event(event)
+            if lines:
+                self._clear_progress()
+                for line in lines:
+                    self._stdout.write(line + "\n")
+                self._stdout.flush()
+            self._draw_progress()
+
+    def tick(self) -> None:
+        """Redraw the progress line so that its elapsed time stays current."""
+        with self._lock:
+            self._draw_progress()
+
+    def notice(self, message: str) -> None:
+        """Write a message of the runner itself to stderr."""
+        with self._lock:
+            self._clear_progress()
+            self._stderr.write(message + "\n")
+            self._stderr.flush()
+            self._draw_progress()
+
+    def finish(self, result: JobResult, *, show_summary: bool, preserved: bool) -> None:
+        """Remove the progress line, then write the result and where the files were kept."""
+        with self._lock:
+            self._clear_progress()
+            self._progress = None
+            lines = self.format_result(result)
+            if lines:
+                self._stdout.write("".join(line + "\n" for line in lines))
+                self._stdout.flush()
+            if show_summary:
+                self._stderr.write(format_summary(result))
+            if preserved:
+                for directory in result.working_directories:
+                    self._stderr.write(f"Kept the session working directory: {directory}\n")
+            self._stderr.flush()
+
+    def format_event(self, event: Event) -> list[str]:
+        """Return the stdout lines for an event."""
+        raise NotImplementedError
+
+    def format_result(self, result: JobResult) -> list[str]:
+        """Return the stdout lines for the result of the job."""
+        raise NotImplementedError
+
+    def _draw_progress(self) -> None:
+        if self._progress is None:
+            return
+        width = shutil.get_terminal_size().columns
+        text = self._progress.render()[: max(width - 1, 0)]
+        if text != self._drawn:
+            self._stderr.write("\r" + text + "\x1b[K")
+            self._stderr.flush()
+            self._drawn = text
+
+    def _clear_progress(self) -> None:
+        if self._drawn:
+            self._stderr.write("\r\x1b[K")
+            self._stderr.flush()
+            self._drawn = ""
+
+
+class TextWriter(OutputWriter):
+    """Human-readable output: every log line, plus a line per step and per unsuccessful action."""
+
+    def format_event(self, event: Event) -> list[str]:
+        if isinstance(event, LogEvent):
+            return [event.message]
+        if isinstance(event, StepEvent):
+            if event.result is None:
+                return [f"Step {event.step!r} started: {_plural(event.task_count, 'task')}."]
+            return [f"Step {event.step!r} finished: {_step_counts(event.result)}."]
+        if isinstance(event, ActionEvent) and event.state in _FINAL_STATES[1:]:
+            return [_describe_unsuccessful(event)]
+        return []
+
+    def format_result(self, result: JobResult) -> list[str]:
+        return []
+
+
+class JsonLinesWriter(OutputWriter):
+    """Machine-readable output: one JSON object per line for every event and the result."""
+
+    def format_event(self, event: Event) -> list[str]:
+        return [json.dumps(event_to_dict(event))]
+
+    def format_result(self, result: JobResult) -> list[str]:
+        return [json.dumps(result_to_dict(result))]
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """Convert an event to the JSON object that ``--output json`` writes."""
+    if isinstance(event, LogEvent):
+        return {
+            "type": "log",
+            "session_id": event.session_id,
+            "level": event.level,
+            "message": event.message,
+            "time": format_time(event.time),
+        }
+    if isinstance(event, ActionEvent):
+        return {
+            "type": "action",
+            "session_id": event.session_id,
+            "action": event.kind,
+            "step": event.step,
+            "environment": event.environment,
+            "task": event.task,
+            "state": event.state,
+            "progress": event.progress,
+            "status_message": event.status_message,
+            "fail_message": event.fail_message,
+            "exit_code": event.exit_code,
+            "time": format_time(event.time),
+        }
+    if isinstance(event, StepEvent):
+        data: dict[str, Any] = {
+            "type": "step",
+            "step": event.step,
+            "state": event.state,
+            "task_count": event.task_count,
+            "time": format_time(event.time),
+        }
+        if event.result is not None:
+            data.update(_step_result_fields(event.result))
+        return data
+    return _session_event_to_dict(event)
+
+
+def result_to_dict(result: JobResult) -> dict[str, Any]:
+    """Convert the job result to the last JSON object that ``--output json`` writes."""
+    return {
+        "type": "result",
+        "job": result.job_name,
+        "result": _overall(result),
+        "duration": round(result.duration, 3),
+        "steps": [{"step": step.name, **_step_result_fields(step)} for step in result.steps],
+        "environments_failed": list(result.environments_failed),
+        "working_directories": [str(path) for path in result.working_directories],
+    }
+
+
+def format_summary(result: JobResult) -> str:
+    """Render the end-of-run summary: one line per step and the overall result."""
+    lines = ["", f"Job {result.job_name!r}: {_overall(result)} after {_seconds(result.duration)}"]
+    for step in result.steps:
+        line = f"  Step {step.name!r}: {_step_counts(step)}"
+        if step.task_times.count:
+            times = step.task_times
+            line += (
+                f"; step {_seconds(step.duration)}, task min {_seconds(times.minimum)}"
+                f" / mean {_seconds(times.mean)} / max {_seconds(times.maximum)}"
+            )
+        lines.append(line)
+        lines.extend(
+            f"    Environment action did not succeed: {item}" for item in step.environments_failed
+        )
+    lines.extend(
+        f"  Environment action did not succeed: {item}" for item in result.environments_failed
+    )
+    return "\n".join(lines) + "\n"
+
+
+def format_time(seconds: float) -> str:
+    """Format seconds since the epoch as ISO 8601 UTC with milliseconds."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_duration(seconds: float) -> str:
+    """Format a duration as H:MM:SS."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _session_event_to_dict(event: SessionEvent) -> dict[str, Any]:
+    return {
+        "type": "session",
+        "session_id": event.session_id,
+        "state": event.state,
+        "working_directory": str(event.working_directory),
+        "time": format_time(event.time),
+    }
+
+
+def _step_result_fields(step: StepResult) -> dict[str, Any]:
+    return {
+        "succeeded": step.succeeded,
+        "failed": step.failed,
+        "canceled": step.canceled,
+        "not_run": step.not_run,
+        "environments_failed": list(step.environments_failed),
+        "duration": round(step.duration, 3),
+        "task_duration_min": round(step.task_times.minimum, 3),
+        "task_duration_mean": round(step.task_times.mean, 3),
+        "task_duration_max": round(step.task_times.maximum, 3),
+    }
+
+
+def _overall(result: JobResult) -> str:
+    if result.succeeded:
+        return "success"
+    return "canceled" if result.canceled else "failed"
+
+
+def _step_counts(step: StepResult) -> str:
+    return (
+        f"{step.succeeded}/{step.task_count} tasks succeeded, {step.failed} failed, "
+        f"{step.canceled} canceled, {step.not_run} not run"
+    )
+
+
+def _describe_unsuccessful(event: ActionEvent) -> str:
+    if event.kind == ActionKind.TASK:
+        what = f"Task {_task_text(event.task)} of step {event.step!r}"
+    else:
+        verb = "Entering" if event.kind == ActionKind.ENTER else "Exiting"
+        what = f"{verb} environment {event.environment!r}"
+    details = [f"exit code {event.exit_code}"] if event.exit_code is not None else []
+    if event.fail_message:
+        details.append(event.fail_message)
+    suffix = f" ({'; '.join(details)})" if details else ""
+    return f"{what} ended {event.state}{suffix}."
+
+
+def _task_text(task: Optional[dict[str, str]]) -> str:
+    if not task:
+        return "(no parameters)"
+    return " ".join(f"{name}={value}" for name, value in task.items())
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}s" if value < 60 else format_duration(value)
+
+
+def make_writer(
+    mode: str, stdout: TextIO, stderr: TextIO, *, step_count: int, show_progress: bool
+) -> OutputWriter:
+    """Create the writer for ``--output MODE`` with a progress line when ``show_progress``."""
+    progress = ProgressLine(step_count) if show_progress else None
+    if mode == "json":
+        return JsonLinesWriter(stdout, stderr, progress)
+    return TextWriter(stdout, stderr, progress)
