@@ -210,9 +210,7 @@ class ActionRunner:
             self._redaction_enabled,
             self._on_secret,
         )
-        process_request = ProcessRequest(
-            argv=argv, env=build_process_env(request.env), cwd=self._working_directory
-        )
+        process_request = ProcessRequest(argv=argv, env=build_process_env(request.env), cwd=self._working_directory)
         try:
             process = ActionProcess(process_request, self._processes, handler.handle_lines)
         except OSError as err:
@@ -230,9 +228,7 @@ class ActionRunner:
         self._logger.info("Output:", content=LogContent.BANNER | LogContent.COMMAND_OUTPUT)
 
         self.notify_status()
-        self._thread = threading.Thread(
-            target=self._run, name=f"openjd-action-{process.pid}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"openjd-action-{process.pid}", daemon=True)
         self._thread.start()
 
     def start_failed(self, reason: str) -> None:
@@ -348,7 +344,9 @@ class ActionRunner:
         self._cancel.grace_deadline = time.monotonic() + grace
         if process.exited:
             return
-        self._logger.info(f'INTERRUPT: Sending signal "term" to process {process.pid}', content=LogContent.PROCESS_CONTROL)
+        self._logger.info(
+            f'INTERRUPT: Sending signal "term" to process {process.pid}', content=LogContent.PROCESS_CONTROL
+        )
         try:
             process.send_signal(_notify_signal())
         except OSError as err:
@@ -406,8 +404,7 @@ class ActionRunner:
                         )
                     if now >= exit_seen + _DRAIN_FIRST_WAIT + _DRAIN_GRACE:
                         self._logger.warning(
-                            "Gracetime of 5 seconds elapsed but the STDOUT stream is still open. "
-                            "Ending action.",
+                            "Gracetime of 5 seconds elapsed but the STDOUT stream is still open. Ending action.",
                             content=LogContent.PROCESS_CONTROL,
                         )
                         process.flush_partial_output()
@@ -443,7 +440,9 @@ class ActionRunner:
                     )
                     self._terminate(process)
 
-    def _next_wait(self, process: ActionProcess, exit_seen: Optional[float], warned: bool, now: float) -> Optional[float]:
+    def _next_wait(
+        self, process: ActionProcess, exit_seen: Optional[float], warned: bool, now: float
+    ) -> Optional[float]:
         deadlines = []
         if self._timeout_deadline is not None:
             deadlines.append(self._timeout_deadline)
@@ -503,9 +502,7 @@ def _resolve_seconds(value: object, symtab: SymbolTable, field_name: str) -> Opt
     except FormatStringError as err:
         raise PrelaunchError(f"Could not resolve {field_name}: {err}") from err
     except ValueError as err:
-        raise PrelaunchError(
-            f"Invalid {field_name} {text!r}: it must resolve to a whole number of seconds."
-        ) from err
+        raise PrelaunchError(f"Invalid {field_name} {text!r}: it must resolve to a whole number of seconds.") from err
     if seconds <= 0:
         raise PrelaunchError(f"Invalid {field_name} {seconds}: it must be a positive number of seconds.")
     return seconds
@@ -542,4 +539,3 @@ def _exit_code_line(pid: int, code: int) -> str:
             signed -= 1 << 32
         line += f" / {signed} (signed)"
     return line
-

@@ -119,9 +119,7 @@ class SessionLogger:
         extra: dict[str, object] = {"session_id": self.session_id}
         if content is not None:
             extra["openjd_log_content"] = content
-        record = LOG.makeRecord(
-            LOG.name, level, "(openjd.sessions)", 0, msg, args, None, None, extra, None
-        )
+        record = LOG.makeRecord(LOG.name, level, "(openjd.sessions)", 0, msg, args, None, None, extra, None)
         if exc_info:
             import sys
 
@@ -135,8 +133,16 @@ class SessionLogger:
         if self.redact is not None:
             line = self.redact(line)
         record = LOG.makeRecord(
-            LOG.name, logging.INFO, "(openjd.sessions)", 0, line, (), None, None,
-            self._output_extra, None,
+            LOG.name,
+            logging.INFO,
+            "(openjd.sessions)",
+            0,
+            line,
+            (),
+            None,
+            None,
+            self._output_extra,
+            None,
         )
         setattr(record, _REDACTED_MARK, True)
         LOG.handle(record)

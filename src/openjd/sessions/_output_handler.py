@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ._logging import LogContent, SessionLogger
 from ._messages import (
+    MESSAGE_FIRST_CHARS,
     Fail,
     LogLevel,
     MessageError,
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ("OutputHandler",)
 
-# Lines that can hold a message or a malformed environment message start with one of these.
-_CANDIDATE_STARTS = frozenset("oO \t")
 # Linux rejects execve() when one "NAME=value" string reaches MAX_ARG_STRLEN (32 pages).
 _MAX_VARIABLE_BYTES = 131072 if sys.platform.startswith("linux") else None
 
@@ -58,7 +57,7 @@ class OutputHandler:
 
     def handle_lines(self, lines: list[str]) -> None:
         output = self._logger.output
-        starts = _CANDIDATE_STARTS
+        starts = MESSAGE_FIRST_CHARS
         for line in lines:
             if line[:1] in starts:
                 self._handle_candidate(line)
@@ -66,7 +65,7 @@ class OutputHandler:
                 output(line)
 
     def _handle_candidate(self, line: str) -> None:
-        if line.startswith("openjd_redacted_env"):
+        if "redacted_env" in line[:64].lower():
             self._register_secrets(line)
         if isinstance(line, OversizedLine):
             self._handle_oversized(line)
@@ -83,12 +82,12 @@ class OutputHandler:
         self._logger.output(line)
 
     def _register_secrets(self, line: str) -> None:
-        if not self._redaction_enabled:
+        values = redaction_candidates(line)
+        if values and not self._redaction_enabled:
             self._logger.warning(
                 "Received openjd_redacted_env message but REDACTED_ENV_VARS extension is not enabled",
                 content=LogContent.COMMAND_OUTPUT,
             )
-        values = redaction_candidates(line)
         if values:
             for value in values:
                 self._redactor.add(value)

@@ -117,9 +117,7 @@ class ActionProcess:
         if self._pidfd is not None:
             self._selector.register(self._pidfd, selectors.EVENT_READ, "exit")
             return
-        waiter = threading.Thread(
-            target=self._wait_in_thread, name=f"openjd-wait-{self.pid}", daemon=True
-        )
+        waiter = threading.Thread(target=self._wait_in_thread, name=f"openjd-wait-{self.pid}", daemon=True)
         waiter.start()
 
     def _wait_in_thread(self) -> None:

@@ -92,7 +92,7 @@ class Session:
         callback: Optional[SessionCallbackType] = None,
         os_env_vars: Optional[dict[str, str]] = None,
         session_root_directory: Optional[Path] = None,
-        revision_extensions: RevisionExtensions = RevisionExtensions(
+        revision_extensions: RevisionExtensions = RevisionExtensions(  # noqa: B008 (public default)
             spec_rev=SpecificationRevision.v2023_09, supported_extensions=[]
         ),
     ) -> None:
@@ -113,9 +113,7 @@ class Session:
         check_os_env_vars(os_env_vars)
         self._os_env_vars = dict(os_env_vars or {})
         if session_root_directory is not None and not session_root_directory.is_dir():
-            raise RuntimeError(
-                f"Ensure that the root directory ({session_root_directory}) exists and is a directory."
-            )
+            raise RuntimeError(f"Ensure that the root directory ({session_root_directory}) exists and is a directory.")
 
         self._state = SessionState.READY
         self._ending_only = False
@@ -130,9 +128,7 @@ class Session:
         self._processes = SessionProcesses(session_id)
 
         self._log_host_info()
-        self._working_directory, self._files_directory = self._create_directories(
-            session_root_directory
-        )
+        self._working_directory, self._files_directory = self._create_directories(session_root_directory)
         self._session_env = {
             **self._os_env_vars,
             "OPENJD_SESSION_WORKING_DIR": str(self._working_directory),
@@ -171,9 +167,7 @@ class Session:
             self._processes.close()
             raise
         self._logger.info(f"Session Working Directory: {working_directory}", content=LogContent.FILE_PATH)
-        self._logger.info(
-            f"Session's Embedded Files Directory: {files_directory}", content=LogContent.FILE_PATH
-        )
+        self._logger.info(f"Session's Embedded Files Directory: {files_directory}", content=LogContent.FILE_PATH)
         return working_directory, files_directory
 
     # ----- properties and context manager ----------------------------------------------
@@ -302,16 +296,12 @@ class Session:
                 identifier is unknown or not the most recently entered environment.
         """
         if self._state not in (SessionState.READY, SessionState.READY_ENDING):
-            raise RuntimeError(
-                "Session must be in the READY or READY_ENDING state to exit an Environment."
-            )
+            raise RuntimeError("Session must be in the READY or READY_ENDING state to exit an Environment.")
         if identifier not in self.environments_entered:
             raise RuntimeError(f"Cannot exit unknown Environment with identifier {identifier}")
         last = self._environments[-1].identifier
         if identifier != last:
-            raise RuntimeError(
-                f"Cannot exit Environment {identifier}. Must exit Environment {last} first."
-            )
+            raise RuntimeError(f"Cannot exit Environment {identifier}. Must exit Environment {last} first.")
         check_os_env_vars(os_env_vars)
 
         self._reset_action_status()
@@ -505,9 +495,7 @@ class Session:
             self._logger.redact = self._redactor.redact
             register_redactor(self._session_id, self._redactor.redact)
 
-    def cancel_action(
-        self, *, time_limit: Optional[timedelta] = None, mark_action_failed: bool = False
-    ) -> None:
+    def cancel_action(self, *, time_limit: Optional[timedelta] = None, mark_action_failed: bool = False) -> None:
         """Start canceling the running action with its cancel method; does not wait.
 
         ``time_limit`` caps the notify period of a ``NOTIFY_THEN_TERMINATE`` action;
@@ -585,8 +573,7 @@ class Session:
             killed = []
         if killed:
             self._logger.warning(
-                f"Killed {len(killed)} process(es) that actions of this session left running: "
-                f"{sorted(killed)}",
+                f"Killed {len(killed)} process(es) that actions of this session left running: {sorted(killed)}",
                 content=LogContent.PROCESS_CONTROL,
             )
         self._processes.close()
@@ -599,8 +586,7 @@ class Session:
         if failures:
             try:
                 raise RuntimeError(
-                    f"Files within temporary directory {path} could not be deleted.\n"
-                    + "\n".join(failures)
+                    f"Files within temporary directory {path} could not be deleted.\n" + "\n".join(failures)
                 )
             except RuntimeError as err:
                 self._logger.log(
@@ -609,4 +595,3 @@ class Session:
                     content=LogContent.EXCEPTION_INFO | LogContent.FILE_PATH,
                     exc_info=True,
                 )
-

@@ -1,4 +1,4 @@
-"""Backends run a ``JobPlan`` and report events; ``LocalBackend`` uses one Session on this host.
+"""Backends run a ``JobPlan`` and report events. ``LocalBackend`` uses one Session on this host.
 
 A backend owns its Sessions. The runner calls ``run_job`` once, on a thread of its own,
 and may call ``cancel`` from another thread at any time. Another backend (several
@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,7 +51,7 @@ class Backend(ABC):
 
     @abstractmethod
     def run_job(self, plan: JobPlan, events: EventSink) -> JobResult:
-        """Run every step of ``plan`` and return the result; block until the job is over.
+        """Run every step of ``plan``, block until the job is over, and return the result.
 
         Environments are exited even after a failure or a cancel, so the result is only
         returned once every entered environment has been exited.
@@ -57,7 +59,7 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, *, immediate: bool = False) -> None:
-        """Stop the run from any thread; ``run_job`` still exits the entered environments.
+        """Stop the run from any thread, while ``run_job`` still exits the entered environments.
 
         The first request cancels running tasks and environment enters with their own
         cancelation method and starts no new ones. With ``immediate=True`` the running
@@ -133,10 +135,10 @@ class LocalBackend(Backend):
 
 def run_steps(driver: SessionDriver, plan: JobPlan, result: JobResult) -> None:
     """Enter the job environments, run the steps in order, then exit the environments."""
-    entered, ok = driver.enter_environments(plan.environments, step=None)
-    result.environments_failed.extend(_failures(entered))
+    entering = driver.enter_environments(plan.environments, step=None)
+    result.environments_failed.extend(entering.failures)
 
-    if ok:
+    if entering.complete:
         for step, step_result in zip(plan.steps, result.steps):
             if driver.stopped:
                 break
@@ -144,20 +146,18 @@ def run_steps(driver: SessionDriver, plan: JobPlan, result: JobResult) -> None:
             if not step_result.succeeded_all:
                 break
 
-    exits = driver.exit_environments(entered, step=None, keep_session_running=False)
+    exits = driver.exit_environments(entering.entered, step=None, keep_session_running=False)
     result.environments_failed.extend(exits)
 
 
 def run_step(driver: SessionDriver, step: StepPlan, result: StepResult) -> None:
     """Enter a step's environments, run its tasks until one fails, then exit them."""
-    driver.events.emit(
-        StepEvent(step=step.name, state="started", task_count=step.task_count, time=time.time())
-    )
+    driver.events.emit(StepEvent(step=step.name, state="started", task_count=step.task_count, time=time.time()))
     started = time.monotonic()
 
-    entered, ok = driver.enter_environments(step.environments, step=step.name)
-    result.environments_failed.extend(_failures(entered))
-    if ok:
+    entering = driver.enter_environments(step.environments, step=step.name)
+    result.environments_failed.extend(entering.failures)
+    if entering.complete:
         for parameters in step.tasks():
             if driver.stopped:
                 break
@@ -175,7 +175,7 @@ def run_step(driver: SessionDriver, step: StepPlan, result: StepResult) -> None:
             if status.state != ActionState.SUCCESS:
                 break
 
-    exits = driver.exit_environments(entered, step=step.name, keep_session_running=True)
+    exits = driver.exit_environments(entering.entered, step=step.name, keep_session_running=True)
     result.environments_failed.extend(exits)
     result.duration = time.monotonic() - started
     driver.events.emit(
@@ -189,23 +189,23 @@ def run_step(driver: SessionDriver, step: StepPlan, result: StepResult) -> None:
     )
 
 
+@dataclass(frozen=True)
 class _EnteredEnvironment:
-    """An environment on the session's stack, with the outcome of its enter action."""
+    """Environment on the session's stack, which must be exited whatever its enter action did."""
 
-    def __init__(
-        self, name: str, identifier: EnvironmentIdentifier, status: Optional[ActionStatus]
-    ) -> None:
-        self.name = name
-        self.identifier = identifier
-        self.status = status
+    name: str
+    identifier: EnvironmentIdentifier
 
 
-def _failures(entered: Sequence[_EnteredEnvironment]) -> list[str]:
-    return [
-        f"enter {environment.name}: {environment.status.state.value}"
-        for environment in entered
-        if environment.status is not None and environment.status.state != ActionState.SUCCESS
-    ]
+@dataclass
+class _EnterOutcome:
+    """Result of entering a list of environments."""
+
+    entered: list[_EnteredEnvironment] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    """Descriptions of enter actions that did not succeed."""
+    complete: bool = False
+    """True when every environment was entered successfully."""
 
 
 class SessionDriver:
@@ -213,7 +213,7 @@ class SessionDriver:
 
     The Session callback only records the status and wakes the waiting thread, because a
     Session does not accept a new action from inside its callback. ``cancel`` may be
-    called from any thread; the lock makes it see either no action or a started one.
+    called from any thread, and the lock makes it see either no action or a started one.
     """
 
     def __init__(self, events: EventSink) -> None:
@@ -223,7 +223,7 @@ class SessionDriver:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._final: Optional[ActionStatus] = None
-        # Describes the running action for the events; None while no action runs.
+        # The running action, described for the events. It is None while no action runs.
         self._current: Optional[_ActionContext] = None
         self._canceled = False
         self._failed = False
@@ -252,47 +252,58 @@ class SessionDriver:
             self._done.set()
 
     def cancel(self, *, immediate: bool = False) -> None:
+        """Cancel the running action, or the one being started, without waiting for it.
+
+        A task or an environment enter is canceled with its own cancelation method, or
+        terminated at once with ``immediate``. An environment exit is only terminated
+        with ``immediate``. Actions started later are skipped, except environment exits.
+        """
         with self._lock:
             self._canceled = True
             context = self._current
-            if context is None or self._session is None:
+            if context is None or (context.kind == ActionKind.EXIT and not immediate):
                 return
-            if context.kind == ActionKind.EXIT and not immediate:
+            if not context.started:
+                # The worker thread applies the request once the start call returns.
+                context.cancel_request = _CancelRequest(immediate=immediate)
                 return
-            try:
-                self._session.cancel_action(time_limit=timedelta(0) if immediate else None)
-            except RuntimeError:
-                # The action ended between the callback and this call; nothing to cancel.
-                pass
+            # Holding the lock keeps the worker thread from starting the next action, so
+            # the request cannot reach an action it was not meant for.
+            self._cancel_running(immediate=immediate)
 
-    def enter_environments(
-        self, environments: Sequence[EnvironmentModel], *, step: Optional[str]
-    ) -> tuple[list[_EnteredEnvironment], bool]:
-        """Enter environments in order until one fails; return those on the stack and success."""
-        entered: list[_EnteredEnvironment] = []
+    def enter_environments(self, environments: Sequence[EnvironmentModel], *, step: Optional[str]) -> _EnterOutcome:
+        """Enter environments in order until one does not succeed or a cancel stops the run."""
+        outcome = _EnterOutcome()
         for environment in environments:
             if self.stopped:
-                return entered, False
+                return outcome
             identifier, status = self._enter_environment(environment, step)
             if identifier is not None:
-                entered.append(_EnteredEnvironment(environment.name, identifier, status))
-            if status is None or status.state != ActionState.SUCCESS:
-                return entered, False
-        return entered, True
+                outcome.entered.append(_EnteredEnvironment(environment.name, identifier))
+            if status is None:
+                return outcome
+            if status.state != ActionState.SUCCESS:
+                outcome.failures.append(f"enter {environment.name}: {status.state.value}")
+                return outcome
+        outcome.complete = True
+        return outcome
 
     def _enter_environment(
         self, environment: EnvironmentModel, step: Optional[str]
     ) -> tuple[Optional[EnvironmentIdentifier], Optional[ActionStatus]]:
-        """Enter one environment; the identifier is ``None`` if the Session rejected it."""
-        identifiers: list[EnvironmentIdentifier] = []
+        """Enter one environment, and return its identifier if it is on the stack, and its status."""
+        session = self._require_session()
+        identifier = f"{self._session_id}:{uuid.uuid4().hex}"
         context = _ActionContext(ActionKind.ENTER, step=step, environment=environment.name)
 
         def start() -> None:
-            session = self._require_session()
-            identifiers.append(session.enter_environment(environment=environment))
+            session.enter_environment(environment=environment, identifier=identifier)
 
         status = self._run_action(context, start)
-        return (identifiers[0] if identifiers else None), status
+        # A Session keeps an environment on its stack even when its enter action failed,
+        # but not when it rejected the call, so ask it instead of relying on the status.
+        on_stack = identifier in session.environments_entered
+        return (identifier if on_stack else None), status
 
     def exit_environments(
         self,
@@ -301,7 +312,7 @@ class SessionDriver:
         step: Optional[str],
         keep_session_running: bool,
     ) -> list[str]:
-        """Exit environments in reverse order, even after failures; return the failures."""
+        """Exit environments in reverse order, even after failures, and describe the failures."""
         failures: list[str] = []
         for environment in reversed(entered):
             context = _ActionContext(ActionKind.EXIT, step=step, environment=environment.name)
@@ -317,34 +328,35 @@ class SessionDriver:
         return failures
 
     def run_task(self, step: StepPlan, parameters: TaskParameterSet) -> Optional[ActionStatus]:
-        """Run one task; return its final status, or ``None`` when a cancel stopped it first."""
+        """Run one task and return its final status, or ``None`` when a cancel stopped it first."""
         task = {name: value.value for name, value in parameters.items()}
         context = _ActionContext(ActionKind.TASK, step=step.name, task=task)
 
         def start() -> None:
-            self._require_session().run_task(
-                step_script=step.script, task_parameter_values=parameters
-            )
+            self._require_session().run_task(step_script=step.script, task_parameter_values=parameters)
 
         return self._run_action(context, start)
 
-    def _run_action(
-        self, context: _ActionContext, start: Callable[[], None]
-    ) -> Optional[ActionStatus]:
-        """Start an action and wait for its final status; ``None`` if it was not started."""
+    def _run_action(self, context: _ActionContext, start: Callable[[], None]) -> Optional[ActionStatus]:
+        """Start an action and return its final status, or ``None`` if it was not started."""
         with self._lock:
             if self._canceled and context.kind != ActionKind.EXIT:
                 return None
             self._done.clear()
             self._final = None
             self._current = context
-            try:
-                start()
-            except (RuntimeError, ValueError) as exc:
-                # The Session rejected the call, so no callback will come for it.
-                self._final = ActionStatus(state=ActionState.FAILED, fail_message=str(exc))
-                self.events.emit(context.event(self._session_id, self._final))
-                self._done.set()
+
+        try:
+            start()
+        except Exception as exc:
+            # The Session rejected the call or failed inside it, so no final callback will
+            # come. Report a failed action so that the environments are still exited.
+            self._fail_unstarted(context, exc)
+
+        with self._lock:
+            context.started = True
+            if context.cancel_request is not None:
+                self._cancel_running(immediate=context.cancel_request.immediate)
 
         self._done.wait()
         with self._lock:
@@ -354,14 +366,35 @@ class SessionDriver:
             self._failed = True
         return status
 
+    def _cancel_running(self, *, immediate: bool) -> None:
+        try:
+            self._require_session().cancel_action(time_limit=timedelta(0) if immediate else None)
+        except RuntimeError:
+            # The action ended before the request reached the Session, so nothing is left to cancel.
+            pass
+
+    def _fail_unstarted(self, context: _ActionContext, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (RuntimeError, ValueError)):
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.events.emit(LogEvent(session_id=self._session_id, level="ERROR", message=trace, time=time.time()))
+        self._final = ActionStatus(state=ActionState.FAILED, fail_message=message)
+        self.events.emit(context.event(self._session_id, self._final))
+        self._done.set()
+
     def _require_session(self) -> Session:
         if self._session is None:
             raise RuntimeError("SessionDriver.attach() must be called before starting actions.")
         return self._session
 
 
+@dataclass(frozen=True)
+class _CancelRequest:
+    immediate: bool
+
+
 class _ActionContext:
-    """What an action is for: its kind, step, environment name and task parameters."""
+    """Purpose of an action: its kind, step, environment name and task parameters."""
 
     def __init__(
         self,
@@ -375,6 +408,9 @@ class _ActionContext:
         self.step = step
         self.environment = environment
         self.task = task
+        # True once the Session's start method has returned. The driver's lock guards it.
+        self.started = False
+        self.cancel_request: Optional[_CancelRequest] = None
 
     def event(self, session_id: str, status: ActionStatus) -> ActionEvent:
         return ActionEvent(

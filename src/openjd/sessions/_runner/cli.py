@@ -1,8 +1,8 @@
 """The ``openjd-sessions`` command: ``openjd-sessions run TEMPLATE`` runs a job on this host.
 
-Exit status: 0 when every action succeeded, 1 when an action did not succeed or no
-Session could be created, 2 for an invalid template, parameter or option, and 128 plus
-the signal number (130 for SIGINT, 143 for SIGTERM) after a cancel by signal.
+Exit status: 0 when every action succeeded, and 1 when an action did not succeed or no
+Session could be created. It is 2 for an invalid template, parameter or option. After a
+cancel by signal it is 128 plus the signal number (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Run every step of a job template in dependency order, or one step, in one "
             "Session on this host. Ctrl-C or SIGTERM cancels the running action and still "
-            "exits the entered environments; a second Ctrl-C terminates the running "
-            "environment exit at once."
+            "exits the entered environments. A second Ctrl-C terminates the running action, "
+            "for example an environment exit, at once."
         ),
     )
-    run.add_argument("template", type=Path, help="job template file (YAML, or JSON by .json)")
+    _add_run_arguments(run)
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("template", type=Path, help="job template file (YAML, or JSON when the name ends in .json)")
     run.add_argument(
         "-p",
         "--job-param",
@@ -69,7 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE|file://PATH",
-        help="job parameter value, or a YAML or JSON file mapping names to values; repeatable",
+        help="job parameter value, or a YAML or JSON file mapping names to values (repeatable)",
     )
     run.add_argument("--step", metavar="NAME", help="run only this step (default: all steps)")
     run.add_argument(
@@ -79,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         type=Path,
         metavar="FILE",
-        help="environment template to enter before the job environments; repeatable",
+        help="environment template to enter before the job environments (repeatable)",
     )
     run.add_argument(
         "--path-mapping-rules",
@@ -87,6 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="JSON file with a list of path mapping rules, or a pathmapping-1.0 object",
     )
+
     run.add_argument(
         "--preserve",
         action="store_true",
@@ -96,12 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--output",
         choices=("text", "json"),
         default="text",
-        help="text: log lines for people (default); json: one JSON object per event",
+        help="text: log lines for people (default), or json: one JSON object per event",
     )
-    run.add_argument(
-        "--verbose", action="store_true", help="include DEBUG records of the openjd.sessions logger"
-    )
-    return parser
+    run.add_argument("--verbose", action="store_true", help="include DEBUG records of the openjd.sessions logger")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -134,9 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     if result is None:
         return EXIT_FAILED
 
-    writer.finish(
-        result, show_summary=interactive or args.output == "text", preserved=args.preserve
-    )
+    writer.finish(result, show_summary=interactive or args.output == "text", preserved=args.preserve)
     if result.succeeded:
         return EXIT_SUCCESS
     if run.signals:
@@ -162,10 +163,7 @@ class _SupervisedRun:
     def wait(self) -> Optional[JobResult]:
         """Run the job and return its result, or ``None`` after writing why it could not run."""
         worker = threading.Thread(target=self._work, name="openjd-sessions-run")
-        previous = {
-            number: signal.signal(number, self._record_signal)
-            for number in (signal.SIGINT, signal.SIGTERM)
-        }
+        previous = {number: signal.signal(number, self._record_signal) for number in (signal.SIGINT, signal.SIGTERM)}
         try:
             worker.start()
             handled = 0
@@ -199,7 +197,7 @@ class _SupervisedRun:
         name = signal.Signals(number).name
         if immediate:
             self._writer.notice(
-                f"openjd-sessions run: {name} received again; terminating the running action."
+                f"openjd-sessions run: {name} received while canceling; terminating the running action now."
             )
         else:
             self._writer.notice(

@@ -45,7 +45,7 @@ class ActionEvent:
     time: float
     """Seconds since the epoch."""
     step: Optional[str] = None
-    """Step of a task or of a step environment; ``None`` for job environments."""
+    """Step of a task or of a step environment, or ``None`` for job environments."""
     environment: Optional[str] = None
     """Environment name of an enter or exit action."""
     task: Optional[dict[str, str]] = None
@@ -61,7 +61,7 @@ class LogEvent:
     """One record of the ``openjd.sessions`` logger."""
 
     session_id: Optional[str]
-    """Session that logged the record; ``None`` for records not tied to a session."""
+    """Session that logged the record, or ``None`` for records not tied to a session."""
     level: str
     message: str
     time: float
@@ -166,8 +166,4 @@ class JobResult:
     @property
     def succeeded(self) -> bool:
         """True only when every action of every planned step succeeded."""
-        return (
-            not self.canceled
-            and not self.environments_failed
-            and all(step.succeeded_all for step in self.steps)
-        )
+        return not self.canceled and not self.environments_failed and all(step.succeeded_all for step in self.steps)

@@ -1,15 +1,17 @@
 """Output of the runner: text or JSON lines on stdout, a progress line and a summary on stderr.
 
-Writers are event sinks, so backends call ``emit`` from their own threads; one lock keeps
+Writers are event sinks, so backends call ``emit`` from their own threads. One lock keeps
 lines whole and keeps the progress line below the latest output.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, TextIO
 
@@ -35,7 +37,7 @@ __all__ = (
     "result_to_dict",
 )
 
-_FINAL_STATES = ("success", "failed", "canceled", "timeout")
+_UNSUCCESSFUL_STATES = ("failed", "canceled", "timeout")
 
 
 class ProgressLine:
@@ -91,7 +93,7 @@ class ProgressLine:
             self._environment_action = f"{verb} {event.environment}" if running else None
 
 
-class OutputWriter:
+class OutputWriter(ABC):
     """Base writer: serializes output and redraws the progress line around it."""
 
     def __init__(self, stdout: TextIO, stderr: TextIO, progress: Optional[ProgressLine]) -> None:
@@ -142,23 +144,30 @@ class OutputWriter:
                     self._stderr.write(f"Kept the session working directory: {directory}\n")
             self._stderr.flush()
 
+    @abstractmethod
     def format_event(self, event: Event) -> list[str]:
         """Return the stdout lines for an event."""
-        raise NotImplementedError
 
+    @abstractmethod
     def format_result(self, result: JobResult) -> list[str]:
         """Return the stdout lines for the result of the job."""
-        raise NotImplementedError
 
     def _draw_progress(self) -> None:
         if self._progress is None:
             return
-        width = shutil.get_terminal_size().columns
-        text = self._progress.render()[: max(width - 1, 0)]
+        text = self._progress.render()[: max(self._terminal_width() - 1, 0)]
         if text != self._drawn:
             self._stderr.write("\r" + text + "\x1b[K")
             self._stderr.flush()
             self._drawn = text
+
+    def _terminal_width(self) -> int:
+        # The progress line is on stderr, while shutil measures stdout, which may be a pipe.
+        try:
+            columns = os.get_terminal_size(self._stderr.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        return columns if columns > 0 else shutil.get_terminal_size().columns
 
     def _clear_progress(self) -> None:
         if self._drawn:
@@ -177,7 +186,7 @@ class TextWriter(OutputWriter):
             if event.result is None:
                 return [f"Step {event.step!r} started: {_plural(event.task_count, 'task')}."]
             return [f"Step {event.step!r} finished: {_step_counts(event.result)}."]
-        if isinstance(event, ActionEvent) and event.state in _FINAL_STATES[1:]:
+        if isinstance(event, ActionEvent) and event.state in _UNSUCCESSFUL_STATES:
             return [_describe_unsuccessful(event)]
         return []
 
@@ -259,12 +268,8 @@ def format_summary(result: JobResult) -> str:
                 f" / mean {_seconds(times.mean)} / max {_seconds(times.maximum)}"
             )
         lines.append(line)
-        lines.extend(
-            f"    Environment action did not succeed: {item}" for item in step.environments_failed
-        )
-    lines.extend(
-        f"  Environment action did not succeed: {item}" for item in result.environments_failed
-    )
+        lines.extend(f"    Environment action did not succeed: {item}" for item in step.environments_failed)
+    lines.extend(f"  Environment action did not succeed: {item}" for item in result.environments_failed)
     return "\n".join(lines) + "\n"
 
 
@@ -319,15 +324,15 @@ def _step_counts(step: StepResult) -> str:
 
 def _describe_unsuccessful(event: ActionEvent) -> str:
     if event.kind == ActionKind.TASK:
-        what = f"Task {_task_text(event.task)} of step {event.step!r}"
+        subject = f"Task {_task_text(event.task)} of step {event.step!r}"
     else:
         verb = "Entering" if event.kind == ActionKind.ENTER else "Exiting"
-        what = f"{verb} environment {event.environment!r}"
+        subject = f"{verb} environment {event.environment!r}"
     details = [f"exit code {event.exit_code}"] if event.exit_code is not None else []
     if event.fail_message:
         details.append(event.fail_message)
     suffix = f" ({'; '.join(details)})" if details else ""
-    return f"{what} ended {event.state}{suffix}."
+    return f"{subject} ended {event.state}{suffix}."
 
 
 def _task_text(task: Optional[dict[str, str]]) -> str:
@@ -341,12 +346,12 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _seconds(value: float) -> str:
+    if value < 10:
+        return f"{value:.2f}s"
     return f"{value:.1f}s" if value < 60 else format_duration(value)
 
 
-def make_writer(
-    mode: str, stdout: TextIO, stderr: TextIO, *, step_count: int, show_progress: bool
-) -> OutputWriter:
+def make_writer(mode: str, stdout: TextIO, stderr: TextIO, *, step_count: int, show_progress: bool) -> OutputWriter:
     """Create the writer for ``--output MODE`` with a progress line when ``show_progress``."""
     progress = ProgressLine(step_count) if show_progress else None
     if mode == "json":

@@ -1,8 +1,9 @@
 """Turn a job template, parameter values and run options into a ``JobPlan``.
 
-The plan is everything a backend needs to run the job: the environments to enter, the
-steps in dependency order with their environments and tasks, the job parameter values,
-the path mapping rules and the specification revision and extensions for each Session.
+The plan contains everything a backend needs to run the job. It lists the environments
+to enter and the steps in dependency order, with their environments and tasks. It also
+carries the job parameter values, the path mapping rules, and the specification revision
+and extensions for each Session.
 Every problem with the input raises ``PlanError`` with a message for the user.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,14 +48,14 @@ __all__ = (
 )
 
 SUPPORTED_EXTENSIONS = ("TASK_CHUNKING", "REDACTED_ENV_VARS", "FEATURE_BUNDLE_1")
-"""Template extensions the runner accepts; openjd-cli 0.7.5 enables the same three."""
+"""Template extensions the runner accepts. openjd-cli 0.7.5 enables the same three by default."""
 
 _FILE_PREFIX = "file://"
 _PATH_MAPPING_VERSION = "pathmapping-1.0"
 
 
 class PlanError(Exception):
-    """The template, a parameter or an option is invalid; the message is for the user."""
+    """Error for an invalid template, parameter or option, with a message for the user."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,8 @@ class JobPlan:
     """Extensions that the job template or an environment template enables."""
 
     def revision_extensions(self) -> RevisionExtensions:
-        """Build a new ``RevisionExtensions`` for one Session; the object is mutable."""
-        return RevisionExtensions(
-            spec_rev=self.specification_revision, supported_extensions=self.extensions
-        )
+        """Build a new ``RevisionExtensions`` for one Session, because the object is mutable."""
+        return RevisionExtensions(spec_rev=self.specification_revision, supported_extensions=self.extensions)
 
 
 def build_plan(
@@ -120,18 +120,21 @@ def build_plan(
             current_working_dir=Path.cwd(),
             environment_templates=environment_templates or None,
         )
+    except ValueError as exc:
+        raise PlanError(f"Invalid job parameters for {template_path}:\n{exc}") from exc
+    try:
         job = create_job(
             job_template=template,
             job_parameter_values=parameter_values,
             environment_templates=environment_templates or None,
         )
     except ValueError as exc:
-        raise PlanError(f"Invalid job parameters for {template_path}:\n{exc}") from exc
+        raise PlanError(f"Cannot create the job of {template_path} from these parameters:\n{exc}") from exc
 
     extensions = set(template.extensions or [])
     for environment_template in environment_templates:
         extensions.update(environment_template.extensions or [])
-    environments = [template.environment for template in environment_templates]
+    environments = [environment_template.environment for environment_template in environment_templates]
     environments.extend(job.jobEnvironments or [])
 
     return JobPlan(
@@ -141,14 +144,14 @@ def build_plan(
         steps=tuple(_plan_step(step) for step in _ordered_steps(job, step_name)),
         path_mapping_rules=tuple(rules),
         specification_revision=_specification_revision(template),
-        extensions=tuple(sorted(str(name) for name in extensions)),
+        extensions=tuple(sorted(_extension_name(name) for name in extensions)),
     )
 
 
 def parse_job_parameters(args: Sequence[str]) -> dict[str, str]:
-    """Merge ``NAME=VALUE`` and ``file://PATH`` arguments; a later value for a name wins.
+    """Merge ``NAME=VALUE`` and ``file://PATH`` arguments, where a later value for a name wins.
 
-    A parameter file holds a YAML or JSON mapping of parameter name to value.
+    A parameter file contains a YAML or JSON mapping of parameter name to value.
     """
     values: dict[str, str] = {}
     for arg in args:
@@ -172,7 +175,7 @@ def parse_job_parameters(args: Sequence[str]) -> dict[str, str]:
 def load_path_mapping_rules(path: Path) -> list[PathMappingRule]:
     """Read path mapping rules from a JSON file.
 
-    The file holds either a list of rule objects or an object
+    The file contains either a list of rule objects or an object
     ``{"version": "pathmapping-1.0", "path_mapping_rules": [...]}``.
     """
     try:
@@ -216,44 +219,40 @@ def _decode_job_template(path: Path) -> JobTemplate:
 def _decode_environment_template(path: Path) -> EnvironmentTemplate:
     document = _load_document(path, "environment template")
     try:
-        return decode_environment_template(
-            template=document, supported_extensions=SUPPORTED_EXTENSIONS
-        )
+        return decode_environment_template(template=document, supported_extensions=SUPPORTED_EXTENSIONS)
     except (ValueError, NotImplementedError) as exc:
         raise PlanError(f"Invalid environment template {path}:\n{exc}") from exc
 
 
-def _load_document(path: Path, what: str) -> dict[str, Any]:
+def _load_document(path: Path, file_kind: str) -> dict[str, Any]:
     """Parse a JSON file (by its ``.json`` suffix) or a YAML file into a mapping."""
-    text = _read_text(path, what)
+    text = _read_text(path, file_kind)
+    is_json = path.suffix.lower() == ".json"
     try:
-        if path.suffix.lower() == ".json":
-            document = json.loads(text)
-        else:
-            document = yaml.safe_load(text)
+        document = json.loads(text) if is_json else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PlanError(f"The {what} {path} does not parse: {exc}") from exc
+        syntax = "JSON" if is_json else "YAML"
+        raise PlanError(f"The {file_kind} {path} is not valid {syntax}: {exc}") from exc
 
     if not isinstance(document, dict):
-        raise PlanError(f"The {what} {path} must contain a mapping of keys to values.")
+        raise PlanError(f"The {file_kind} {path} must contain a mapping of keys to values.")
     return document
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read_text(path: Path, file_kind: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise PlanError(f"The {what} {path} does not exist.") from exc
+        raise PlanError(f"The {file_kind} {path} was not found. Check the path.") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"Cannot read the {what} {path}: {exc}") from exc
+        raise PlanError(f"Cannot read the {file_kind} {path}: {exc}") from exc
 
 
 def _parameter_value_text(name: object, value: object, path: Path) -> str:
     # Reject booleans explicitly because str(True) would pass as the string "True".
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise PlanError(
-            f"Job parameter {name!r} in {path} has the value {value!r}; "
-            "a value must be a string or a number."
+            f"Job parameter {name!r} in {path} has the value {value!r}; a value must be a string or a number."
         )
     return str(value)
 
@@ -286,7 +285,7 @@ def _plan_step(step: Step) -> StepPlan:
 
 
 def _space_iterator(space: Optional[StepParameterSpace]) -> StepParameterSpaceIterator:
-    # NOTE: adaptive chunking (chunks.targetRuntimeSeconds) is not done. Every chunk holds
+    # NOTE: adaptive chunking (chunks.targetRuntimeSeconds) is not done. Chunks contain at most
     # chunks.defaultTaskCount values, so the task count is known before the step starts.
     chunk_size: Optional[int] = None
     if space is not None:
@@ -295,6 +294,11 @@ def _space_iterator(space: Optional[StepParameterSpace]) -> StepParameterSpaceIt
             if chunks is not None:
                 chunk_size = int(chunks.defaultTaskCount)
     return StepParameterSpaceIterator(space=space, chunks_task_count_override=chunk_size)
+
+
+def _extension_name(name: object) -> str:
+    # str() of a str-based Enum member is "Class.MEMBER" before Python 3.12, so use its value.
+    return str(name.value) if isinstance(name, Enum) else str(name)
 
 
 def _specification_revision(template: JobTemplate) -> SpecificationRevision:
