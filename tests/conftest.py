@@ -82,7 +82,7 @@ def job_from_yaml(
     """Decode a job template from YAML text and create its job.
 
     ``parameters`` maps job parameter names to values as strings, as a command line
-    gives them; parameters left out take their defaults. Relative PATH values resolve
+    gives them. Parameters left out take their defaults. Relative PATH values resolve
     against ``template_dir``, which defaults to the current directory.
 
     Raises:
@@ -109,5 +109,5 @@ def job_from_yaml_fixture() -> JobFromYaml:
 
 @pytest.fixture
 def python_exe() -> str:
-    """The interpreter that runs the tests; child programs use it in place of ``python3``."""
+    """The interpreter that runs the tests, for child programs in place of ``python3``."""
     return sys.executable

@@ -4,9 +4,9 @@
 compatibility end to end. They build a venv with openjd-cli (installed without its
 dependencies, so pip cannot pull the upstream openjd-sessions), its other runtime
 dependencies, and this package from the repository. The third-party part is cached in
-``.pytest-venvs/`` at the repository root; this package is reinstalled once per test
-session so that the venv always runs the current source. Without access to a package
-index the tests are skipped.
+``.pytest-venvs/`` at the repository root. This package is reinstalled once per test
+session, so the venv always runs the current source. Without access to a package index
+the tests are skipped.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 CLI_VERSION = "0.7.5"
 
-# openjd-cli 0.7.5 imports openjd.model, openjd.sessions and yaml at runtime; its METADATA
-# lists openjd-model and openjd-sessions, and pyyaml arrives through openjd-model.
+# openjd-cli 0.7.5 imports openjd.model, openjd.sessions and yaml at runtime. Its METADATA
+# lists only openjd-model and openjd-sessions, because pyyaml arrives through openjd-model.
 CLI_RUNTIME_DEPENDENCIES = ("openjd-model >= 0.9, < 0.10", "pyyaml >= 6")
 
 # Generous limits that only guard against hangs.
@@ -93,7 +93,7 @@ def _build_third_party_venv(root: Path) -> None:
             shutil.rmtree(root, ignore_errors=True)
             pytest.skip(
                 f"cannot build the openjd-cli venv because pip {' '.join(step)} failed "
-                f"(no package index reachable?):\n{_tail(result)}"
+                f"(no package index reachable?):\n{_tail(result, 3)}"
             )
 
     (root / "ready.json").write_text(json.dumps({"openjd-cli": CLI_VERSION}))
@@ -277,7 +277,7 @@ def test_cancel_graceful_stop_reads_deadline(
     assert result.returncode == 1, result.stdout
     assert "TIMEOUT - Runtime limit reached at" in result.stdout
     assert "via notify then terminate method" in result.stdout
-    deadline = re.search(r"the process will be killed at (\S+)", result.stdout)
+    deadline = re.search(r"The session kills this process at (\S+)", result.stdout)
     assert deadline is not None, result.stdout
     assert f"Grace period ends at {deadline.group(1)}" in result.stdout
     assert "openjd_status: Checkpoint saved to" in result.stdout
@@ -295,7 +295,7 @@ def test_cancel_ignored_notice_killed(cli_venv: CliVenv, tmp_path: Path, python_
     )  # fmt: skip
 
     assert result.returncode == 1, result.stdout
-    assert "Received SIGTERM; ignoring it and working on" in result.stdout
+    assert "Received SIGTERM, ignoring it and working on" in result.stdout
     assert "Notify period ended. Terminate at" in result.stdout
     assert re.search(r"exited with code: -9 ", result.stdout), result.stdout
 
@@ -349,6 +349,6 @@ def test_cli_interrupt_cancels_task(cli_venv: CliVenv, tmp_path: Path, python_ex
     output = log_path.read_text()
 
     assert returncode == 1, output
-    assert "Received SIGTERM; ignoring it and working on" in output
+    assert "Received SIGTERM, ignoring it and working on" in output
     assert "TIMEOUT" not in output
     assert re.search(r"exited with code: -9 ", output), output

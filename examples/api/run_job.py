@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     )
     job = create_job(job_template=template, job_parameter_values=job_parameters)
 
-    # 2. Print the session's log records; each one carries the session id.
+    # 2. Print the session's log records. Each one carries the session id.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(session_id)s  %(message)s"))
     LOG.addHandler(handler)
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
                 break
         succeeded = session.state == SessionState.READY
 
-        # 5. Exit the job environments; without keep_session_running the session ends.
+        # 5. Exit the job environments. Without keep_session_running the session ends.
         while entered:
             session.exit_environment(identifier=entered.pop())
             if waiter.wait() != ActionState.SUCCESS:
