@@ -13,30 +13,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from openjd.model import FormatStringError, SymbolTable
-from openjd.model.v2023_09 import (
-    Action,
-    CancelationMethodNotifyThenTerminate,
-    EmbeddedFileText,
-)
-
-from ._embedded_files import materialize_embedded_files
-from ._env_vars import EnvOverrides
 from ._files import utc_timestamp, write_cancel_info
 from ._logging import LogContent, SessionLogger
 from ._messages import Redactor
 from ._output_handler import OutputHandler
+from ._prepare import ActionInput, PrelaunchError, prepare_action
 from ._process import ActionProcess, ProcessRequest, build_process_env
 from ._proctree import SessionProcesses
 from ._session_user import SessionUser
 from ._types import ActionState, ActionStatus
 
-__all__ = ("ActionInput", "ActionRunner", "EnvChanged", "RunnerEvent", "StatusChanged")
+__all__ = ("ActionRunner", "EnvChanged", "RunnerEvent", "StatusChanged")
 
 _DRAIN_FIRST_WAIT = 1.0
 _DRAIN_GRACE = 5.0
@@ -59,35 +51,6 @@ class EnvChanged:
 
 
 RunnerEvent = Union[StatusChanged, EnvChanged]
-
-
-@dataclass
-class ActionInput:
-    """Everything the runner needs to run one action.
-
-    ``action`` is a template action resolved against ``symtab``; ``argv`` is used instead
-    for ``run_subprocess``, whose command and arguments are literal.
-    """
-
-    kind: str  # "enter", "exit", "task" or "subprocess"
-    env: EnvOverrides
-    action: Optional[Action] = None
-    argv: Optional[list[str]] = None
-    symtab: SymbolTable = field(default_factory=SymbolTable)
-    embedded_files: Sequence[EmbeddedFileText] = ()
-    files_prefix: str = "Task.File"
-    default_timeout: Optional[int] = None
-    default_notify_period: int = 120
-    timeout: Optional[int] = None
-    write_path_mapping_file: Optional[Callable[[], Path]] = None
-
-    @property
-    def is_environment(self) -> bool:
-        return self.kind in ("enter", "exit")
-
-
-class PrelaunchError(Exception):
-    """The action cannot start; the message is reported as its fail_message."""
 
 
 @dataclass
@@ -195,10 +158,16 @@ class ActionRunner:
             return
         self._logger.subsection_banner("Phase: Setup")
         try:
-            argv = self._prepare(request)
+            prepared = prepare_action(
+                request, files_directory=self._files_directory, user=self._user, logger=self._logger
+            )
         except PrelaunchError as err:
             self._fail_before_launch(str(err))
             return
+        argv = prepared.argv
+        if prepared.notify_period is not None:
+            self._terminate_only = False
+            self._notify_period = prepared.notify_period
 
         self._logger.subsection_banner("Phase: Running action")
         self._logger.info("Running command %s", _join(argv), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
@@ -222,8 +191,8 @@ class ActionRunner:
             return
         self._process = process
         handler.process = process
-        if request.timeout is not None:
-            self._timeout_deadline = time.monotonic() + request.timeout
+        if prepared.timeout is not None:
+            self._timeout_deadline = time.monotonic() + prepared.timeout
         self._logger.info(f"Command started as pid: {process.pid}", content=LogContent.PROCESS_CONTROL)
         self._logger.info("Output:", content=LogContent.BANNER | LogContent.COMMAND_OUTPUT)
 
@@ -234,55 +203,6 @@ class ActionRunner:
     def start_failed(self, reason: str) -> None:
         """End the action FAILED with ``reason`` before anything was started."""
         self._fail_before_launch(reason)
-
-    def _prepare(self, request: ActionInput) -> list[str]:
-        if request.argv is not None:
-            request.timeout = request.timeout or request.default_timeout
-            return list(request.argv)
-        action = request.action
-        assert action is not None
-        symtab = request.symtab
-        texts = [str(action.command), *(str(arg) for arg in action.args or ())]
-        texts.extend(str(file.data) for file in request.embedded_files)
-        if request.write_path_mapping_file is not None and any(
-            "Session.PathMappingRulesFile" in text for text in texts
-        ):
-            try:
-                path = request.write_path_mapping_file()
-            except OSError as err:
-                raise PrelaunchError(f"Could not write the path mapping rules file: {err}") from err
-            symtab = SymbolTable(source=symtab)
-            symtab["Session.PathMappingRulesFile"] = str(path)
-
-        if request.embedded_files:
-            try:
-                symtab = materialize_embedded_files(
-                    request.embedded_files,
-                    files_directory=self._files_directory,
-                    symtab=symtab,
-                    prefix=request.files_prefix,
-                    target="Environment" if request.is_environment else "Task",
-                    user=self._user,
-                    logger=self._logger,
-                )
-            except RuntimeError as err:
-                raise PrelaunchError(str(err)) from err
-
-        try:
-            argv = [action.command.resolve(symtab=symtab)]
-            argv.extend(arg.resolve(symtab=symtab) for arg in action.args or ())
-        except FormatStringError as err:
-            raise PrelaunchError(str(err)) from err
-        request.timeout = _resolve_seconds(action.timeout, symtab, "timeout") or request.default_timeout
-        self._configure_cancel(action, symtab, request.default_notify_period)
-        return argv
-
-    def _configure_cancel(self, action: Action, symtab: SymbolTable, default_period: int) -> None:
-        method = action.cancelation
-        if isinstance(method, CancelationMethodNotifyThenTerminate):
-            self._terminate_only = False
-            period = _resolve_seconds(method.notifyPeriodInSeconds, symtab, "notifyPeriodInSeconds")
-            self._notify_period = float(period or default_period)
 
     def _fail_before_launch(self, reason: str, *, log: bool = True) -> None:
         if log:
@@ -491,21 +411,6 @@ class ActionRunner:
         """Fail the running action: record ``message`` and cancel it with its own method."""
         self.set_fail_message(message, notify=False)
         self.cancel(mark_failed=True)
-
-
-def _resolve_seconds(value: object, symtab: SymbolTable, field_name: str) -> Optional[int]:
-    if value is None or isinstance(value, int):
-        return value
-    try:
-        text = value.resolve(symtab=symtab)  # type: ignore[attr-defined]
-        seconds = int(text)
-    except FormatStringError as err:
-        raise PrelaunchError(f"Could not resolve {field_name}: {err}") from err
-    except ValueError as err:
-        raise PrelaunchError(f"Invalid {field_name} {text!r}: it must resolve to a whole number of seconds.") from err
-    if seconds <= 0:
-        raise PrelaunchError(f"Invalid {field_name} {seconds}: it must be a positive number of seconds.")
-    return seconds
 
 
 def _notify_signal() -> int:

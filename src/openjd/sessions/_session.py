@@ -7,8 +7,6 @@ failed before running); the action's end arrives through the callback.
 
 from __future__ import annotations
 
-import logging
-import sys
 import threading
 import uuid
 from collections.abc import Iterable
@@ -18,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional
 
-import openjd.model
 from openjd.model import (
     FormatStringError,
     JobParameterValues,
@@ -28,20 +25,15 @@ from openjd.model import (
     TaskParameterSet,
 )
 
-from ._action import ActionInput, ActionRunner, EnvChanged, RunnerEvent, StatusChanged
+from ._action import ActionRunner, EnvChanged, RunnerEvent, StatusChanged
 from ._env_vars import EnvOverrides, build_overrides, check_os_env_vars
 from ._files import (
-    create_files_directory,
-    create_working_directory,
-    default_root_directory,
-    prepare_default_root,
-    remove_tree,
-    sticky_bit_warnings,
     write_path_mapping_file,
 )
 from ._logging import LogContent, SessionLogger, register_redactor, unregister_redactor
 from ._messages import Redactor
 from ._path_mapping import PathMappingRule, sort_rules
+from ._prepare import ActionInput
 from ._proctree import SessionProcesses
 from ._session_user import SessionUser
 from ._symbols import build_symbol_table
@@ -54,7 +46,7 @@ from ._types import (
     SessionState,
     StepScriptModel,
 )
-from ._version import version
+from ._workdir import create_session_directories, delete_working_directory, log_host_info
 
 __all__ = ("Session",)
 
@@ -127,48 +119,19 @@ class Session:
         self._redactor = Redactor()
         self._processes = SessionProcesses(session_id)
 
-        self._log_host_info()
-        self._working_directory, self._files_directory = self._create_directories(session_root_directory)
+        log_host_info(self._logger, session_id)
+        try:
+            self._working_directory, self._files_directory = create_session_directories(
+                self._logger, session_root_directory, session_id, user
+            )
+        except RuntimeError:
+            self._state = SessionState.ENDED
+            self._processes.close()
+            raise
         self._session_env = {
             **self._os_env_vars,
             "OPENJD_SESSION_WORKING_DIR": str(self._working_directory),
         }
-
-    def _log_host_info(self) -> None:
-        info = self._logger.info
-        info(f"openjd.model Library Version: {openjd.model.version}", content=LogContent.HOST_INFO)
-        info(f"openjd.sessions Library Version: {version}", content=LogContent.HOST_INFO)
-        info("Installed at: %s", str(Path(__file__).resolve().parent.parent), content=LogContent.HOST_INFO)
-        info(f"Python Interpreter: {sys.executable}", content=LogContent.HOST_INFO)
-        info("Python Version: %s", sys.version.replace("\n", " - "), content=LogContent.HOST_INFO)
-        info(f"Platform: {sys.platform}", content=LogContent.HOST_INFO)
-        info(f"Initializing Open Job Description Session: {self._session_id}")
-
-    def _create_directories(self, root: Optional[Path]) -> tuple[Path, Path]:
-        if root is None:
-            root = default_root_directory()
-            prepare_default_root(root)
-        for ancestor in sticky_bit_warnings(root):
-            self._logger.warning(
-                f"Sticky bit is not set on {ancestor}. This may pose a risk when running work on "
-                "this host as users may modify or delete files in this directory which do not "
-                "belong to them.",
-                content=LogContent.HOST_INFO | LogContent.FILE_PATH,
-            )
-        try:
-            working_directory = create_working_directory(root, self._session_id, self._user)
-            files_directory = create_files_directory(working_directory, self._user)
-        except RuntimeError as err:
-            self._logger.error(
-                f"ERROR creating Session Working Directory: {err}",
-                content=LogContent.COMMAND_OUTPUT | LogContent.FILE_PATH,
-            )
-            self._state = SessionState.ENDED
-            self._processes.close()
-            raise
-        self._logger.info(f"Session Working Directory: {working_directory}", content=LogContent.FILE_PATH)
-        self._logger.info(f"Session's Embedded Files Directory: {files_directory}", content=LogContent.FILE_PATH)
-        return working_directory, files_directory
 
     # ----- properties and context manager ----------------------------------------------
 
@@ -558,7 +521,7 @@ class Session:
                 )
         self._end_leftover_processes()
         if not self._retain_working_dir:
-            self._delete_working_directory()
+            delete_working_directory(self._logger, self._working_directory)
         unregister_redactor(self._session_id)
         self._state = SessionState.ENDED
 
@@ -577,21 +540,3 @@ class Session:
                 content=LogContent.PROCESS_CONTROL,
             )
         self._processes.close()
-
-    def _delete_working_directory(self) -> None:
-        self._logger.section_banner("Session Cleanup")
-        path = self._working_directory
-        self._logger.info(f"Deleting working directory: {path}", content=LogContent.FILE_PATH)
-        failures = remove_tree(path)
-        if failures:
-            try:
-                raise RuntimeError(
-                    f"Files within temporary directory {path} could not be deleted.\n" + "\n".join(failures)
-                )
-            except RuntimeError as err:
-                self._logger.log(
-                    logging.ERROR,
-                    str(err),
-                    content=LogContent.EXCEPTION_INFO | LogContent.FILE_PATH,
-                    exc_info=True,
-                )
