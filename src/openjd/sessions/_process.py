@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ class ActionProcess:
         self.usage: Optional[ResourceUsage] = None
         self.output_closed = False
 
-        self._popen = _start(request)
+        self._popen = _start(request, tracker.spawn_prefix())
         self.pid = self._popen.pid
         self.processes: ActionProcesses = tracker.track(self.pid)
 
@@ -221,8 +222,17 @@ class ActionProcess:
         self.processes.release()
 
 
-def _start(request: ProcessRequest) -> subprocess.Popen[bytes]:
+def _start(request: ProcessRequest, prefix: list[str]) -> subprocess.Popen[bytes]:
     argv = list(request.argv)
+    if "/" not in argv[0]:
+        # Resolve here so that a missing command is an OSError with a clear message in
+        # both spawn paths; the shell of a prefix would only print "not found".
+        found = shutil.which(argv[0], path=request.env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory in PATH", argv[0])
+        argv[0] = found
+    if prefix:
+        return _popen([*prefix, *argv], request)
     try:
         return _popen(argv, request)
     except OSError as err:

@@ -1,7 +1,8 @@
 """cgroup v2 file operations for the ``cgroup`` mechanism of ``_proctree`` (Linux only).
 
 Every function takes the absolute path of a cgroup directory that ``_proctree`` created.
-A cgroup that was removed meanwhile reads as empty: its files raise ENOENT or ENODEV.
+A cgroup that was removed meanwhile reads as empty, because its files raise ENOENT or
+ENODEV.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = (
     "VANISHED_ERRNOS",
     "create_session_cgroup",
     "find_own_cgroup_dir",
+    "is_in_cgroup",
+    "join_cgroup",
     "kill_cgroup",
     "move_into_cgroup",
     "read_cgroup_pids",
@@ -31,8 +34,8 @@ __all__ = (
 )
 
 VANISHED_ERRNOS = (errno.ESRCH, errno.ENOENT, errno.ENODEV)
-# A freeze waits for tasks to reach the kernel's freezer trap; a task in an uninterruptible
-# sleep delays that, and after this many seconds the members are signalled anyway.
+# A freeze completes when every task reaches the kernel's freezer trap, which a task in an
+# uninterruptible sleep delays. After this many seconds the members are signalled anyway.
 _FREEZE_TIMEOUT = 1.0
 
 
@@ -97,6 +100,15 @@ def create_session_cgroup(session_id: str) -> tuple[Optional[str], str]:
     return path, ""
 
 
+def _read(path: str) -> bytes:
+    # Without the io module, which adds its own overhead to each of these small reads.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
 def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -105,20 +117,48 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
+def join_cgroup(procs_file: str) -> None:
+    """Move the calling process into the cgroup of ``procs_file``; ignore any failure.
+
+    Meant as ``preexec_fn`` of ``subprocess.Popen``: it runs in the child between fork and
+    exec, makes only three system calls, and takes no lock that another thread of the
+    parent could have held at fork time. A child it could not move is moved by
+    ``move_into_cgroup()`` after the spawn.
+    """
+    try:
+        fd = os.open(procs_file, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # 0 stands for the writing process.
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def is_in_cgroup(pid: int, cgroup: str) -> bool:
+    """Return whether ``pid`` is in ``cgroup``, comparing the last two path components."""
+    suffix = ("/" + "/".join(cgroup.rstrip("/").split("/")[-2:])).encode()
+    try:
+        text = _read(f"/proc/{pid}/cgroup")
+    except OSError:
+        return False
+    return any(line.startswith(b"0::") and line.endswith(suffix) for line in text.splitlines())
+
+
 def move_into_cgroup(cgroup: str, pid: int) -> None:
-    """Create ``cgroup`` and move ``pid`` and its current descendants into it.
+    """Move ``pid`` and its current descendants into the existing ``cgroup``.
 
     Raises:
-        OSError: the directory cannot be created or ``pid`` cannot be moved (ESRCH when it
-            no longer exists). Descendants that cannot be moved are skipped.
+        OSError: ``pid`` cannot be moved (ESRCH when it no longer exists). Descendants
+            that cannot be moved are skipped.
     """
-    os.mkdir(cgroup)
     procs_file = os.path.join(cgroup, "cgroup.procs")
     _write(procs_file, str(pid))
 
     # Descendants forked between exec and the move are still outside. A parent is moved
     # before its children are listed, so a child it forks meanwhile is born inside.
-    # NOTE: a descendant whose parent exited before the move stays outside.
+    # NOTE: a descendant whose parent exited before the move stays outside. The move can
+    # take tens of milliseconds on a busy host, so only join_cgroup() before exec is exact.
     scanned: Optional[dict[int, list[int]]] = None
     pending = [pid]
     while pending:
@@ -233,13 +273,13 @@ def kill_cgroup(cgroup: str, use_kill_file: bool) -> list[int]:
 def read_cpu_usage(cgroup: str) -> Optional[float]:
     """Return ``usage_usec`` from ``cpu.stat`` in seconds, or None if it cannot be read."""
     try:
-        with open(os.path.join(cgroup, "cpu.stat"), "rb") as file:
-            for line in file:
-                name, _, number = line.partition(b" ")
-                if name == b"usage_usec":
-                    return int(number) / 1_000_000
+        text = _read(os.path.join(cgroup, "cpu.stat"))
     except OSError:
         return None
+    for line in text.splitlines():
+        name, _, number = line.partition(b" ")
+        if name == b"usage_usec":
+            return int(number) / 1_000_000
     return None
 
 

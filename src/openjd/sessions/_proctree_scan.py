@@ -24,6 +24,7 @@ __all__ = (
     "read_proc_stat",
     "scan_processes",
     "select_action_processes",
+    "still_running",
     "wait_for_any_exit",
 )
 
@@ -32,6 +33,7 @@ __all__ = (
 # happen while setpgid() children keep appearing.
 _MAX_KILL_ROUNDS = 20
 _MAX_WAIT_PIDS = 64
+_MAX_LISTINGS = 10  # Bounds a scan on a host that starts processes all the time.
 # Helper programs run by absolute path only, never found through PATH.
 _PS = next((p for p in ("/bin/ps", "/usr/bin/ps") if os.access(p, os.X_OK)), None)
 
@@ -48,10 +50,11 @@ class ProcessInfo(NamedTuple):
 
 
 class ActionRoot(NamedTuple):
-    """The main process of one action, identified by pid and start time."""
+    """The main process of one action and what is known about its identity."""
 
     pid: int
-    start_time: Optional[int]
+    start_time: Optional[int]  # None where not read: then the pid alone identifies it.
+    reaped: bool = False  # Known to be reaped, so a process with this pid is another one.
 
 
 def read_proc_stat(pid: int) -> Optional[ProcessInfo]:
@@ -85,9 +88,16 @@ def scan_processes() -> dict[int, ProcessInfo]:
     """Return every process on the host by pid."""
     if sys.platform == "darwin":
         return _scan_processes_with_ps()
+    # A process forked after a listing of /proc and whose parent exited before its stat
+    # was read would be in no table, so list again until a listing shows no new pid.
     table: dict[int, ProcessInfo] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
+    seen: set[str] = set()
+    for _ in range(_MAX_LISTINGS):
+        new = [name for name in os.listdir("/proc") if name.isdigit() and name not in seen]
+        if not new:
+            break
+        seen.update(new)
+        for name in new:
             proc = read_proc_stat(int(name))
             if proc is not None:
                 table[proc.pid] = proc
@@ -128,20 +138,20 @@ def children_by_parent(table: Mapping[int, ProcessInfo]) -> dict[int, list[int]]
     return children
 
 
-def select_action_processes(
-    table: Mapping[int, ProcessInfo], roots: Iterable[ActionRoot]
-) -> set[int]:
+def select_action_processes(table: Mapping[int, ProcessInfo], roots: Iterable[ActionRoot]) -> set[int]:
     """Return the live pids in ``table`` that belong to any of ``roots``.
 
     These are the root itself, every process whose group or session id is the root pid,
-    and every descendant of those. A root whose pid now names a process with another start
-    time was reaped and its pid reused, so it selects nothing. Linux does not reuse a pid
-    while a process group or session of that id exists.
+    and every descendant of those. A root whose pid now names another process (it is known
+    to be reaped, or the start time differs) had its pid reused, so it selects nothing.
+    Linux does not reuse a pid while a process group or session of that id exists.
     """
     valid: set[int] = set()
     for root in roots:
         current = table.get(root.pid)
-        if current is None or root.start_time is None or current.start_time == root.start_time:
+        if current is None:
+            valid.add(root.pid)
+        elif not root.reaped and root.start_time in (None, current.start_time):
             valid.add(root.pid)
 
     found = {proc.pid for proc in table.values() if proc.pgid in valid or proc.sid in valid}
@@ -158,16 +168,17 @@ def select_action_processes(
     return {pid for pid in found if not table[pid].zombie}
 
 
-def kill_by_scan(roots: list[ActionRoot]) -> tuple[list[int], list[int]]:
-    """SIGKILL every process of ``roots``; return the pids signalled and the pids denied.
+def kill_by_scan(roots: list[ActionRoot]) -> tuple[dict[int, Optional[int]], list[int]]:
+    """SIGKILL every process of ``roots``.
 
-    Pids refused with EPERM are denied; processes that exited meanwhile are skipped.
+    Returns the processes signalled (pid to start time) and the pids refused with EPERM.
+    Processes that exited meanwhile are skipped.
     """
-    signalled: set[int] = set()
+    signalled: dict[int, Optional[int]] = {}
     denied: set[int] = set()
     for _ in range(_MAX_KILL_ROUNDS):
         table = scan_processes()
-        targets = select_action_processes(table, roots) - signalled - denied
+        targets = select_action_processes(table, roots) - signalled.keys() - denied
         if not targets:
             break
 
@@ -185,8 +196,17 @@ def kill_by_scan(roots: list[ActionRoot]) -> tuple[list[int], list[int]]:
             except PermissionError:
                 denied.add(pid)
                 continue
-            signalled.add(pid)
-    return sorted(signalled), sorted(denied)
+            signalled[pid] = table[pid].start_time
+    return signalled, sorted(denied)
+
+
+def still_running(processes: Mapping[int, Optional[int]], table: Mapping[int, ProcessInfo]) -> set[int]:
+    """Return the pids of ``processes`` (pid to start time) that are alive in ``table``."""
+    return {
+        pid
+        for pid, start_time in processes.items()
+        if pid in table and not table[pid].zombie and table[pid].start_time == start_time
+    }
 
 
 def wait_for_any_exit(pids: list[int], timeout: float) -> None:
