@@ -10,6 +10,7 @@ through one callback that receives ``RunnerEvent`` values.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -22,9 +23,10 @@ from ._files import utc_timestamp, write_cancel_info
 from ._logging import LogContent, SessionLogger
 from ._messages import Redactor
 from ._output_handler import OutputHandler
+from ._posix_user import ActionLauncher, SudoRefusedError, kill_as_user, launch_argv, write_launch_script
 from ._prepare import ActionInput, PrelaunchError, prepare_action
 from ._process import ActionProcess, ProcessRequest, build_process_env
-from ._proctree import SessionProcesses
+from ._proctree import KillPermissionError, SessionProcesses
 from ._session_user import SessionUser
 from ._types import ActionState, ActionStatus
 
@@ -32,6 +34,7 @@ __all__ = ("ActionRunner", "EnvChanged", "RunnerEvent", "StatusChanged")
 
 _DRAIN_FIRST_WAIT = 1.0
 _DRAIN_GRACE = 5.0
+_SUDO_KILL_ROUNDS = 5  # sudo kill, then rescan for processes forked meanwhile
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class ActionRunner:
         user: Optional[SessionUser],
         on_event: Callable[[RunnerEvent], None],
         on_secret: Callable[[], None],
+        launcher: ActionLauncher,
     ) -> None:
         self._logger = logger
         self._on_secret = on_secret
@@ -86,6 +90,8 @@ class ActionRunner:
         self._on_event = on_event
         self._redaction_enabled = redaction_enabled
 
+        self._launcher = launcher
+        self._script: Optional[Path] = None
         self._lock = threading.RLock()
         self._done = threading.Event()
         self._process: Optional[ActionProcess] = None
@@ -164,10 +170,14 @@ class ActionRunner:
         except PrelaunchError as err:
             self._fail_before_launch(str(err))
             return
-        argv = prepared.argv
         if prepared.notify_period is not None:
             self._terminate_only = False
             self._notify_period = prepared.notify_period
+        try:
+            argv = self._command_for_user(prepared.argv, request)
+        except (PrelaunchError, SudoRefusedError) as err:
+            self._fail_before_launch(str(err))
+            return
 
         self._logger.subsection_banner("Phase: Running action")
         self._logger.info("Running command %s", _join(argv), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
@@ -199,6 +209,22 @@ class ActionRunner:
         self.notify_status()
         self._thread = threading.Thread(target=self._run, name=f"openjd-action-{process.pid}", daemon=True)
         self._thread.start()
+
+    def _command_for_user(self, argv: list[str], request: ActionInput) -> list[str]:
+        """Return ``argv`` itself, or the sudo command that runs it as the session's user."""
+        user = self._launcher.sudo_user
+        if user is None:
+            return argv
+        self._launcher.check_sudo()
+        try:
+            self._script = write_launch_script(self._working_directory, request.env, argv, user)
+        except OSError as err:
+            raise PrelaunchError(f"Could not write the script that starts the action as {user.user}: {err}") from err
+        self._logger.debug(
+            f"Wrote the following script to {self._script}:\n{self._script.read_text()}",
+            content=LogContent.FILE_PATH | LogContent.FILE_CONTENTS,
+        )
+        return launch_argv(user, self._script)
 
     def start_failed(self, reason: str) -> None:
         """End the action FAILED with ``reason`` before anything was started."""
@@ -283,6 +309,8 @@ class ActionRunner:
         )
         try:
             killed = process.kill_tree()
+        except KillPermissionError as err:
+            killed = err.signalled + self._kill_as_user(process, err.denied)
         except OSError as err:
             self._logger.error(
                 f"Cancelation could not send terminate signal to process {process.pid}: {err}",
@@ -295,6 +323,38 @@ class ActionRunner:
                 f"INTERRUPT: Also killed {len(others)} descendant process(es) of pid {process.pid}: {others}",
                 content=LogContent.PROCESS_CONTROL,
             )
+
+    def _kill_as_user(self, process: ActionProcess, denied: list[int]) -> list[int]:
+        """Kill processes of the session's user through sudo, rescanning for new ones."""
+        user = self._launcher.sudo_user
+        killed: list[int] = []
+        for _ in range(_SUDO_KILL_ROUNDS):
+            if not denied or user is None:
+                break
+            try:
+                command, output = kill_as_user(user, denied)
+            except (OSError, subprocess.SubprocessError, SudoRefusedError) as err:
+                self._logger.error(
+                    f"Cancelation could not kill process(es) {denied} of user {user.user}: {err}",
+                    content=LogContent.PROCESS_CONTROL | LogContent.EXCEPTION_INFO,
+                )
+                return killed
+            self._logger.info(f"INTERRUPT: Running: {_join(command)}", content=LogContent.PROCESS_CONTROL)
+            if output:
+                self._logger.debug(output, content=LogContent.PROCESS_CONTROL | LogContent.COMMAND_OUTPUT)
+            killed.extend(denied)
+            try:
+                killed.extend(process.kill_tree())
+                denied = []
+            except KillPermissionError as err:
+                killed.extend(err.signalled)
+                denied = [pid for pid in err.denied if pid not in killed]
+        if denied:
+            self._logger.error(
+                f"Cancelation could not kill process(es) {denied}: they keep running.",
+                content=LogContent.PROCESS_CONTROL,
+            )
+        return killed
 
     # ----- the action thread ------------------------------------------------------------
 
@@ -376,6 +436,8 @@ class ActionRunner:
 
     def _end(self, process: ActionProcess) -> None:
         process.close()
+        if self._script is not None:
+            self._script.unlink(missing_ok=True)
         code = process.returncode
         assert code is not None
         self._logger.info(_exit_code_line(process.pid, code), content=LogContent.PROCESS_CONTROL)

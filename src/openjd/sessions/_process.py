@@ -204,7 +204,17 @@ class ActionProcess:
                 os.kill(self.pid, signum)
 
     def kill_tree(self) -> list[int]:
-        """SIGKILL every process of the action, including descendants that left its group."""
+        """SIGKILL every process of the action, including descendants that left its group.
+
+        The process group goes first: a child that has not yet joined its cgroup (see
+        ``SessionProcesses.spawn_prefix``) is still the leader of that group.
+        """
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass  # The group is empty, or only another user's processes are left.
         return self.processes.kill()
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ failed before running); the action's end arrives through the callback.
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterable
@@ -33,8 +35,9 @@ from ._files import (
 from ._logging import LogContent, SessionLogger, register_redactor, unregister_redactor
 from ._messages import Redactor
 from ._path_mapping import PathMappingRule, sort_rules
+from ._posix_user import ActionLauncher, SudoRefusedError, kill_as_user
 from ._prepare import ActionInput
-from ._proctree import SessionProcesses
+from ._proctree import KillPermissionError, SessionProcesses
 from ._session_user import SessionUser
 from ._symbols import build_symbol_table
 from ._types import (
@@ -117,6 +120,7 @@ class Session:
         self._lock = threading.RLock()
         self._logger = SessionLogger(session_id)
         self._redactor = Redactor()
+        self._launcher = ActionLauncher(user)
         self._processes = SessionProcesses(session_id)
 
         log_host_info(self._logger, session_id)
@@ -413,6 +417,7 @@ class Session:
             user=self._user,
             on_event=self._on_runner_event,
             on_secret=self._activate_redaction,
+            launcher=self._launcher,
         )
         with self._lock:
             self._runner = runner
@@ -521,13 +526,17 @@ class Session:
                 )
         self._end_leftover_processes()
         if not self._retain_working_dir:
-            delete_working_directory(self._logger, self._working_directory)
+            delete_working_directory(self._logger, self._working_directory, self._launcher.sudo_user)
         unregister_redactor(self._session_id)
         self._state = SessionState.ENDED
 
     def _end_leftover_processes(self) -> None:
         try:
             killed = self._processes.kill_all()
+        except KillPermissionError as err:
+            killed = err.signalled
+            self._kill_as_user(err.denied)
+            killed += err.denied
         except OSError as err:
             self._logger.error(
                 f"Could not end the processes that actions of this session left running: {err}",
@@ -540,3 +549,17 @@ class Session:
                 content=LogContent.PROCESS_CONTROL,
             )
         self._processes.close()
+
+    def _kill_as_user(self, pids: list[int]) -> None:
+        user = self._launcher.sudo_user
+        if user is None:
+            return
+        try:
+            command, _ = kill_as_user(user, pids)
+        except (OSError, subprocess.SubprocessError, SudoRefusedError) as err:
+            self._logger.error(
+                f"Could not kill process(es) {pids} of user {user.user} that actions left running: {err}",
+                content=LogContent.PROCESS_CONTROL | LogContent.EXCEPTION_INFO,
+            )
+            return
+        self._logger.info(f"INTERRUPT: Running: {shlex.join(command)}", content=LogContent.PROCESS_CONTROL)

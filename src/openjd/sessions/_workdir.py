@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +21,8 @@ from ._files import (
     sticky_bit_warnings,
 )
 from ._logging import LogContent, SessionLogger
-from ._session_user import SessionUser
+from ._posix_user import SudoRefusedError, remove_as_user
+from ._session_user import PosixSessionUser, SessionUser
 from ._version import version
 
 __all__ = ("create_session_directories", "delete_working_directory", "log_host_info")
@@ -64,10 +67,16 @@ def create_session_directories(
     return working_directory, files_directory
 
 
-def delete_working_directory(logger: SessionLogger, path: Path) -> None:
-    """Delete the working directory; log what could not be deleted instead of raising."""
+def delete_working_directory(logger: SessionLogger, path: Path, sudo_user: Optional[PosixSessionUser]) -> None:
+    """Delete the working directory; log what could not be deleted instead of raising.
+
+    With a ``sudo_user``, the entries are first deleted as that user, because files its
+    actions created can be private to it.
+    """
     logger.section_banner("Session Cleanup")
     logger.info(f"Deleting working directory: {path}", content=LogContent.FILE_PATH)
+    if sudo_user is not None:
+        _delete_as_user(logger, path, sudo_user)
     failures = remove_tree(path)
     if not failures:
         return
@@ -75,3 +84,28 @@ def delete_working_directory(logger: SessionLogger, path: Path) -> None:
         raise RuntimeError(f"Files within temporary directory {path} could not be deleted.\n" + "\n".join(failures))
     except RuntimeError as err:
         logger.log(logging.ERROR, str(err), content=LogContent.EXCEPTION_INFO | LogContent.FILE_PATH, exc_info=True)
+
+
+def _delete_as_user(logger: SessionLogger, path: Path, user: PosixSessionUser) -> None:
+    try:
+        entries = sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
+    except OSError as err:
+        logger.warning(f"Could not list {path} for deletion: {err}", content=LogContent.FILE_PATH)
+        return
+    if not entries:
+        return
+    try:
+        command, code, output = remove_as_user(user, entries)
+    except (OSError, subprocess.SubprocessError, SudoRefusedError) as err:
+        logger.warning(
+            f"Could not delete the working directory's files as user {user.user}: {err}",
+            content=LogContent.EXCEPTION_INFO | LogContent.FILE_PATH,
+        )
+        return
+    logger.info("Running command %s", shlex.join(command), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
+    for line in output.splitlines():
+        logger.output(line)
+    if code != 0:
+        logger.warning(
+            f"Deleting files as user {user.user} exited with code {code}.", content=LogContent.PROCESS_CONTROL
+        )

@@ -1,8 +1,13 @@
-"""The ``openjd-sessions`` command: ``openjd-sessions run TEMPLATE`` runs a job on this host.
+"""The ``openjd-sessions`` command: ``openjd-sessions run TEMPLATE`` runs a job.
+
+The job runs in one Session on this host by default, in N Sessions on threads of this
+process with ``--workers N``, or on the workers of a Dask cluster with ``--cluster`` or
+``--scheduler-file``.
 
 Exit status: 0 when every action succeeded, and 1 when an action did not succeed or no
-Session could be created. It is 2 for an invalid template, parameter or option. After a
-cancel by signal it is 128 plus the signal number (130 for SIGINT, 143 for SIGTERM).
+Session could be created. It is 2 for an invalid template, parameter or option, and for a
+cluster option without the Dask extra installed. After a cancel by signal it is 128 plus
+the signal number (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Optional
 
 from openjd.sessions import LOG
 
-from .backend import Backend, LocalBackend
+from .backend import Backend
+from .backend_local import LocalBackend
+from .coordinator import JobRunner
 from .events import JobResult
 from .output import OutputWriter, make_writer
 from .plan import JobPlan, PlanError, build_plan
@@ -56,9 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a job template on this host",
         description=(
             "Run every step of a job template in dependency order, or one step, in one "
-            "Session on this host. Ctrl-C or SIGTERM cancels the running action and still "
-            "exits the entered environments. A second Ctrl-C terminates the running action, "
-            "for example an environment exit, at once."
+            "Session on this host, in several Sessions (--workers), or on a Dask cluster "
+            "(--cluster, --scheduler-file). Ctrl-C or SIGTERM cancels the running tasks and "
+            "still exits the entered environments. A second Ctrl-C terminates the running "
+            "actions, for example environment exits, at once."
         ),
     )
     _add_run_arguments(run)
@@ -105,6 +113,72 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="text: log lines for people (default), or json: one JSON object per event",
     )
     run.add_argument("--verbose", action="store_true", help="include DEBUG records of the openjd.sessions logger")
+    _add_scaling_arguments(run)
+
+
+def _add_scaling_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="run N Sessions in this process, each running its share of the tasks (default: 1)",
+    )
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        metavar="local:N|tcp://HOST:PORT|tls://HOST:PORT",
+        help=(
+            "run the tasks on Dask: local:N starts N single-threaded workers on 127.0.0.1, "
+            "an address uses a running scheduler (needs the dask extra)"
+        ),
+    )
+    where.add_argument(
+        "--scheduler-file",
+        type=Path,
+        metavar="FILE",
+        help="run the tasks on the Dask scheduler described by this scheduler file (needs the dask extra)",
+    )
+    run.add_argument(
+        "--on-failure",
+        choices=("finish", "cancel"),
+        default="finish",
+        help=(
+            "what running tasks do when a task fails: finish (default) lets them end on their "
+            "own, cancel cancels them with their cancelation method"
+        ),
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number of 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: expected 1 or more")
+    return value
+
+
+def _make_backend(args: argparse.Namespace) -> Backend:
+    """Create the backend that the options select.
+
+    Raises:
+        PlanError: the options conflict, a cluster address is invalid, or Dask is missing.
+    """
+    on_cluster = args.cluster is not None or args.scheduler_file is not None
+    if on_cluster and args.workers is not None:
+        raise PlanError(
+            "--workers runs Sessions in this process and cannot be combined with --cluster or "
+            "--scheduler-file; use --cluster local:N for N workers on a local Dask cluster."
+        )
+    if not on_cluster:
+        return LocalBackend(workers=args.workers or 1, retain_working_dir=args.preserve)
+
+    # Imported here so that a run without a cluster option never imports Dask.
+    from .backend_dask import DaskBackend, parse_cluster_option
+
+    target = parse_cluster_option(args.cluster, args.scheduler_file)
+    return DaskBackend(target, retain_working_dir=args.preserve, verbose=args.verbose)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -116,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
             step_name=args.step,
             path_mapping_path=args.path_mapping_rules,
         )
+        backend = _make_backend(args)
     except PlanError as exc:
         print(f"openjd-sessions run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,16 +198,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.verbose:
         LOG.setLevel(logging.DEBUG)
     interactive = sys.stderr.isatty()
+    several_workers = (args.workers or 1) > 1 or args.cluster is not None or args.scheduler_file is not None
     writer = make_writer(
         args.output,
         sys.stdout,
         sys.stderr,
         step_count=len(plan.steps),
         show_progress=interactive,
+        show_worker=several_workers,
     )
-    backend = LocalBackend(retain_working_dir=args.preserve)
+    runner = JobRunner(backend, cancel_running_on_failure=args.on_failure == "cancel")
 
-    run = _SupervisedRun(backend, plan, writer)
+    run = _SupervisedRun(runner, plan, writer, several_workers=several_workers)
     result = run.wait()
     if result is None:
         return EXIT_FAILED
@@ -146,14 +223,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 class _SupervisedRun:
-    """Run the backend on a worker thread while the main thread handles signals.
+    """Run the job on a thread of its own while the main thread handles signals.
 
     The signal handler only records the signal number. The main thread acts on it on its
     next loop, so the handler never takes a lock that the interrupted code might hold.
     """
 
-    def __init__(self, backend: Backend, plan: JobPlan, writer: OutputWriter) -> None:
-        self._backend = backend
+    def __init__(self, runner: JobRunner, plan: JobPlan, writer: OutputWriter, *, several_workers: bool) -> None:
+        self._runner = runner
+        self._actions = "actions" if several_workers else "action"
         self._plan = plan
         self._writer = writer
         self.signals: list[int] = []
@@ -186,7 +264,7 @@ class _SupervisedRun:
 
     def _work(self) -> None:
         try:
-            self._result = self._backend.run_job(self._plan, self._writer)
+            self._result = self._runner.run_job(self._plan, self._writer)
         except BaseException as exc:  # re-raised or reported on the main thread
             self._error = exc
 
@@ -197,14 +275,14 @@ class _SupervisedRun:
         name = signal.Signals(number).name
         if immediate:
             self._writer.notice(
-                f"openjd-sessions run: {name} received while canceling; terminating the running action now."
+                f"openjd-sessions run: {name} received while canceling; terminating the running {self._actions} now."
             )
         else:
             self._writer.notice(
                 f"openjd-sessions run: {name} received; canceling the job and exiting its "
-                "environments. Send it again to terminate the running action at once."
+                f"environments. Send it again to terminate the running {self._actions} at once."
             )
-        self._backend.cancel(immediate=immediate)
+        self._runner.cancel(immediate=immediate)
 
 
 if __name__ == "__main__":

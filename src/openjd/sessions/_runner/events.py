@@ -1,15 +1,20 @@
 """Events and results that a runner backend reports, independent of how it runs the job.
 
-A backend reports what happens through an ``EventSink``: state changes of every action,
-log lines of every session, and the start and end of each step. It returns a
-``JobResult`` when the job is over. Output writers consume both.
+A backend reports what happens through an ``EventSink``: state changes of every action
+and log lines of every session, each with the worker that owns the session. The job
+runner adds the start and end of each step and returns a ``JobResult`` when the job is
+over. Output writers consume both.
+
+Events that cross a process boundary, from a cluster worker to the runner, travel as
+plain dictionaries made by ``event_to_wire`` and read back by ``event_from_wire``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 __all__ = (
     "ActionEvent",
@@ -22,6 +27,9 @@ __all__ = (
     "StepEvent",
     "StepResult",
     "TaskTimes",
+    "WIRE_FLUSH_KEY",
+    "event_from_wire",
+    "event_to_wire",
 )
 
 
@@ -54,17 +62,30 @@ class ActionEvent:
     status_message: Optional[str] = None
     fail_message: Optional[str] = None
     exit_code: Optional[int] = None
+    worker: Optional[str] = None
+    """Worker that owns the session."""
+    task_id: Optional[str] = None
+    """Identifier of the task within the job, for task actions and the environment
+    actions that a task started."""
 
 
 @dataclass(frozen=True)
 class LogEvent:
-    """One record of the ``openjd.sessions`` logger."""
+    """One record of the ``openjd.sessions`` logger, or a message of the runner itself."""
 
     session_id: Optional[str]
     """Session that logged the record, or ``None`` for records not tied to a session."""
     level: str
     message: str
     time: float
+    worker: Optional[str] = None
+    """Worker that owns the session, or that the runner's message is about."""
+    action: Optional[str] = None
+    """``ActionKind`` of the action that was running when the record was logged."""
+    step: Optional[str] = None
+    environment: Optional[str] = None
+    task: Optional[dict[str, str]] = None
+    task_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,11 @@ class SessionEvent:
     """``started`` or ``ended``."""
     working_directory: Path
     time: float
+    worker: Optional[str] = None
+    host: Optional[str] = None
+    """Host name of the worker."""
+    pid: Optional[int] = None
+    """Process id of the worker process that owns the session."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +188,48 @@ class JobResult:
     duration: float = 0.0
     working_directories: list[Path] = field(default_factory=list)
     """Working directories of the sessions that ran the job."""
+    workers: list[str] = field(default_factory=list)
+    """Workers that opened a session, in the order they did."""
+    task_reruns: int = 0
+    """Tasks that started again on another worker because their worker was lost."""
 
     @property
     def succeeded(self) -> bool:
         """True only when every action of every planned step succeeded."""
         return not self.canceled and not self.environments_failed and all(step.succeeded_all for step in self.steps)
+
+
+WIRE_FLUSH_KEY = "flush_token"
+"""Key of the wire message that a worker sends after its last event of a job."""
+
+_WIRE_TYPES: dict[str, type[Union[ActionEvent, LogEvent, SessionEvent]]] = {
+    "action": ActionEvent,
+    "log": LogEvent,
+    "session": SessionEvent,
+}
+
+
+def event_to_wire(event: Union[ActionEvent, LogEvent, SessionEvent]) -> dict[str, Any]:
+    """Convert an action, log or session event to a dictionary of msgpack-compatible values."""
+    data = dataclasses.asdict(event)
+    if isinstance(event, SessionEvent):
+        data["working_directory"] = str(event.working_directory)
+    wire_type = next(name for name, cls in _WIRE_TYPES.items() if isinstance(event, cls))
+    data["wire_type"] = wire_type
+    return data
+
+
+def event_from_wire(data: dict[str, Any]) -> Union[ActionEvent, LogEvent, SessionEvent]:
+    """Rebuild an event from the dictionary that ``event_to_wire`` made.
+
+    Raises:
+        ValueError: ``data`` has no known ``wire_type``.
+    """
+    values = dict(data)
+    wire_type = values.pop("wire_type", None)
+    cls = _WIRE_TYPES.get(str(wire_type))
+    if cls is None:
+        raise ValueError(f"Event with unknown wire_type {wire_type!r}: expected one of {sorted(_WIRE_TYPES)}.")
+    if cls is SessionEvent:
+        values["working_directory"] = Path(values["working_directory"])
+    return cls(**values)

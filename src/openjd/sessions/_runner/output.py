@@ -41,56 +41,74 @@ _UNSUCCESSFUL_STATES = ("failed", "canceled", "timeout")
 
 
 class ProgressLine:
-    """One status line on a terminal: step, tasks done of total, task progress, elapsed time.
+    """One status line on a terminal: steps, tasks done of total, running work, elapsed time.
 
-    It only tracks state and renders text. ``OutputWriter`` decides when to draw it.
+    Task counts add up the final task events of every worker. It only tracks state and
+    renders text. ``OutputWriter`` decides when to draw it.
     """
 
     def __init__(self, step_count: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._started = clock()
         self._step_count = step_count
-        self._step_index = 0
-        self._step: Optional[str] = None
-        self._task_count = 0
-        self._tasks_done = 0
-        self._task_progress: Optional[float] = None
-        self._environment_action: Optional[str] = None
+        self._steps_started = 0
+        # Running steps by name: [position in start order, tasks done, task count].
+        self._active: dict[str, list[int]] = {}
+        self._last: Optional[tuple[str, list[int]]] = None
+        # Running tasks, by task id or session, with their latest progress.
+        self._tasks: dict[str, Optional[float]] = {}
+        # Running environment actions by session, as "entering NAME" or "exiting NAME".
+        self._environment_actions: dict[str, str] = {}
 
     def update(self, event: Event) -> None:
-        if isinstance(event, StepEvent) and event.state == "started":
-            self._step_index += 1
-            self._step = event.step
-            self._task_count = event.task_count
-            self._tasks_done = 0
-            self._task_progress = None
+        if isinstance(event, StepEvent):
+            self._update_step(event)
         elif isinstance(event, ActionEvent):
             self._update_action(event)
 
     def render(self) -> str:
         parts = []
-        if self._step is not None:
-            parts.append(f"step {self._step_index}/{self._step_count} {self._step}")
-            parts.append(f"tasks {self._tasks_done}/{self._task_count}")
-        if self._environment_action is not None:
-            parts.append(self._environment_action)
-        elif self._task_progress is not None:
-            parts.append(f"task {self._task_progress:.0f}%")
+        steps = list(self._active.items()) or ([self._last] if self._last is not None else [])
+        for name, (position, done, count) in steps:
+            parts.append(f"step {position}/{self._step_count} {name}")
+            parts.append(f"tasks {done}/{count}")
+        if len(self._environment_actions) == 1:
+            parts.extend(self._environment_actions.values())
+        elif self._environment_actions:
+            parts.append(f"{len(self._environment_actions)} environment actions")
+        elif len(self._tasks) > 1:
+            parts.append(f"{len(self._tasks)} tasks running")
+        else:
+            progress = next(iter(self._tasks.values()), None)
+            if progress is not None:
+                parts.append(f"task {progress:.0f}%")
         parts.append(f"elapsed {format_duration(self._clock() - self._started)}")
         return " | ".join(parts)
+
+    def _update_step(self, event: StepEvent) -> None:
+        if event.state == "started":
+            self._steps_started += 1
+            self._active[event.step] = [self._steps_started, 0, event.task_count]
+        elif event.step in self._active:
+            self._last = (event.step, self._active.pop(event.step))
 
     def _update_action(self, event: ActionEvent) -> None:
         running = event.state == "running"
         if event.kind == ActionKind.TASK:
-            self._environment_action = None
+            self._environment_actions.pop(event.session_id, None)
+            key = event.task_id or event.session_id
             if running:
-                self._task_progress = event.progress
-            else:
-                self._tasks_done += 1
-                self._task_progress = None
-        else:
+                self._tasks[key] = event.progress
+                return
+            self._tasks.pop(key, None)
+            counts = self._active.get(event.step or "")
+            if counts is not None:
+                counts[1] += 1
+        elif running:
             verb = "entering" if event.kind == ActionKind.ENTER else "exiting"
-            self._environment_action = f"{verb} {event.environment}" if running else None
+            self._environment_actions[event.session_id] = f"{verb} {event.environment}"
+        else:
+            self._environment_actions.pop(event.session_id, None)
 
 
 class OutputWriter(ABC):
@@ -177,18 +195,42 @@ class OutputWriter(ABC):
 
 
 class TextWriter(OutputWriter):
-    """Human-readable output: every log line, plus a line per step and per unsuccessful action."""
+    """Human-readable output: every log line, plus a line per step and per unsuccessful action.
+
+    With ``show_worker``, each log line and action line starts with the worker and the
+    running action in brackets, for example ``[local-2 Render Frame=3]``.
+    """
+
+    def __init__(
+        self, stdout: TextIO, stderr: TextIO, progress: Optional[ProgressLine], *, show_worker: bool = False
+    ) -> None:
+        super().__init__(stdout, stderr, progress)
+        self._show_worker = show_worker
 
     def format_event(self, event: Event) -> list[str]:
         if isinstance(event, LogEvent):
-            return [event.message]
+            return [self._prefix_log(event) + event.message]
         if isinstance(event, StepEvent):
             if event.result is None:
                 return [f"Step {event.step!r} started: {_plural(event.task_count, 'task')}."]
             return [f"Step {event.step!r} finished: {_step_counts(event.result)}."]
         if isinstance(event, ActionEvent) and event.state in _UNSUCCESSFUL_STATES:
-            return [_describe_unsuccessful(event)]
+            prefix = f"[{event.worker}] " if self._show_worker and event.worker else ""
+            return [prefix + _describe_unsuccessful(event)]
         return []
+
+    def _prefix_log(self, event: LogEvent) -> str:
+        if not self._show_worker or event.worker is None:
+            return ""
+        if event.action == ActionKind.TASK:
+            label = f"{event.worker} {event.step}"
+            if event.task:
+                label += " " + _task_text(event.task)
+        elif event.action in (ActionKind.ENTER, ActionKind.EXIT):
+            label = f"{event.worker} {event.action} {event.environment}"
+        else:
+            label = event.worker
+        return f"[{label}] "
 
     def format_result(self, result: JobResult) -> list[str]:
         return []
@@ -210,6 +252,12 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         return {
             "type": "log",
             "session_id": event.session_id,
+            "worker": event.worker,
+            "action": event.action,
+            "step": event.step,
+            "environment": event.environment,
+            "task": event.task,
+            "task_id": event.task_id,
             "level": event.level,
             "message": event.message,
             "time": format_time(event.time),
@@ -218,10 +266,12 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         return {
             "type": "action",
             "session_id": event.session_id,
+            "worker": event.worker,
             "action": event.kind,
             "step": event.step,
             "environment": event.environment,
             "task": event.task,
+            "task_id": event.task_id,
             "state": event.state,
             "progress": event.progress,
             "status_message": event.status_message,
@@ -253,12 +303,17 @@ def result_to_dict(result: JobResult) -> dict[str, Any]:
         "steps": [{"step": step.name, **_step_result_fields(step)} for step in result.steps],
         "environments_failed": list(result.environments_failed),
         "working_directories": [str(path) for path in result.working_directories],
+        "workers": list(result.workers),
+        "task_reruns": result.task_reruns,
     }
 
 
 def format_summary(result: JobResult) -> str:
     """Render the end-of-run summary: one line per step and the overall result."""
-    lines = ["", f"Job {result.job_name!r}: {_overall(result)} after {_seconds(result.duration)}"]
+    headline = f"Job {result.job_name!r}: {_overall(result)} after {_seconds(result.duration)}"
+    if len(result.workers) > 1:
+        headline += f" on {len(result.workers)} workers"
+    lines = ["", headline]
     for step in result.steps:
         line = f"  Step {step.name!r}: {_step_counts(step)}"
         if step.task_times.count:
@@ -270,6 +325,10 @@ def format_summary(result: JobResult) -> str:
         lines.append(line)
         lines.extend(f"    Environment action did not succeed: {item}" for item in step.environments_failed)
     lines.extend(f"  Environment action did not succeed: {item}" for item in result.environments_failed)
+    if result.task_reruns:
+        lines.append(
+            f"  {_plural(result.task_reruns, 'task')} started again on another worker after a worker was lost."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +348,9 @@ def _session_event_to_dict(event: SessionEvent) -> dict[str, Any]:
     return {
         "type": "session",
         "session_id": event.session_id,
+        "worker": event.worker,
+        "host": event.host,
+        "pid": event.pid,
         "state": event.state,
         "working_directory": str(event.working_directory),
         "time": format_time(event.time),
@@ -351,9 +413,21 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 60 else format_duration(value)
 
 
-def make_writer(mode: str, stdout: TextIO, stderr: TextIO, *, step_count: int, show_progress: bool) -> OutputWriter:
-    """Create the writer for ``--output MODE`` with a progress line when ``show_progress``."""
+def make_writer(
+    mode: str,
+    stdout: TextIO,
+    stderr: TextIO,
+    *,
+    step_count: int,
+    show_progress: bool,
+    show_worker: bool = False,
+) -> OutputWriter:
+    """Create the writer for ``--output MODE``.
+
+    ``show_progress`` adds the progress line, and ``show_worker`` prefixes text lines with
+    the worker and the running action.
+    """
     progress = ProgressLine(step_count) if show_progress else None
     if mode == "json":
         return JsonLinesWriter(stdout, stderr, progress)
-    return TextWriter(stdout, stderr, progress)
+    return TextWriter(stdout, stderr, progress, show_worker=show_worker)

@@ -68,6 +68,8 @@ class StepPlan:
     parameter_space: Optional[StepParameterSpace]
     task_count: int
     """Number of tasks, where a chunk of a ``CHUNK[INT]`` parameter counts as one task."""
+    dependencies: tuple[str, ...] = ()
+    """Names of the steps of the plan that must finish before this step starts."""
 
     def tasks(self) -> Iterator[TaskParameterSet]:
         """Iterate the task parameter sets in order, computing each one when requested."""
@@ -141,7 +143,7 @@ def build_plan(
         job_name=job.name,
         job_parameter_values=parameter_values,
         environments=tuple(environments),
-        steps=tuple(_plan_step(step) for step in _ordered_steps(job, step_name)),
+        steps=_plan_steps(_ordered_steps(job, step_name)),
         path_mapping_rules=tuple(rules),
         specification_revision=_specification_revision(template),
         extensions=tuple(sorted(_extension_name(name) for name in extensions)),
@@ -269,7 +271,13 @@ def _ordered_steps(job: Job, step_name: Optional[str]) -> list[Step]:
     raise PlanError(f"The job has no step named {step_name!r}. Its steps are: {names}.")
 
 
-def _plan_step(step: Step) -> StepPlan:
+def _plan_steps(steps: Sequence[Step]) -> tuple[StepPlan, ...]:
+    """Plan each step. Dependencies on steps outside the plan (``--step``) are dropped."""
+    names = {step.name for step in steps}
+    return tuple(_plan_step(step, names) for step in steps)
+
+
+def _plan_step(step: Step, planned_names: set[str]) -> StepPlan:
     try:
         task_count = len(_space_iterator(step.parameterSpace))
     except ValueError as exc:
@@ -281,6 +289,9 @@ def _plan_step(step: Step) -> StepPlan:
         environments=tuple(step.stepEnvironments or ()),
         parameter_space=step.parameterSpace,
         task_count=task_count,
+        dependencies=tuple(
+            dependency.dependsOn for dependency in step.dependencies or () if dependency.dependsOn in planned_names
+        ),
     )
 
 
