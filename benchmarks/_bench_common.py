@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import statistics
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ PROGRESS_PREFIX = "openjd_progress: "
 SECRET = "Zq7plumORBIT4411secret"
 SECRET_VARIABLE = "BENCH_SECRET"
 
-# Each of these workloads aborts if one action takes longer than this; it guards against hangs.
+# A workload fails if one action runs longer than this, so a hung action cannot stall the run.
 ACTION_TIMEOUT_S = 900.0
 
 _PAD = "x" * (LINE_BYTES - len(DATA_PREFIX) - len("0000000 ") - 1)
@@ -43,9 +44,9 @@ def output_line(index: int, count: int, mode: str) -> str:
     This function and ``producer_snippet`` produce the same lines.
     """
     if mode == "progress" and index % 5 == 4:
-        return "%s%.2f" % (PROGRESS_PREFIX, index * 100.0 / count)
+        return f"{PROGRESS_PREFIX}{index * 100.0 / count:.2f}"
     body = (SECRET + _PAD)[: len(_PAD)] if mode == "redaction" and index % 10 == 3 else _PAD
-    return "%s%07d %s" % (DATA_PREFIX, index, body)
+    return f"{DATA_PREFIX}{index:07d} {body}"
 
 
 def producer_snippet() -> str:
@@ -66,7 +67,7 @@ def producer_snippet() -> str:
 
 
 class CountingHandler(logging.Handler):
-    """Logging handler that counts the records of producer lines and the secrets it sees.
+    """Logging handler that counts producer lines and records that contain the secret.
 
     The library runs and the floor runs attach the same handler, so its own cost is part of
     both sides of every output comparison.
@@ -103,8 +104,8 @@ class PeakRssMeter:
     """Peak resident-set growth of this process between ``start()`` and ``stop()``.
 
     On Linux it resets the kernel's high-water mark (``VmHWM``) by writing ``5`` to
-    ``/proc/self/clear_refs``. Where that fails it falls back to ``ru_maxrss``, which only
-    sees growth above the process's earlier peak, and says so in ``method``.
+    ``/proc/self/clear_refs``. Where that fails it falls back to ``ru_maxrss``, which
+    reports growth above the process's earlier peak only, and records that in ``method``.
     """
 
     def __init__(self) -> None:
@@ -117,8 +118,6 @@ class PeakRssMeter:
                 clear_refs.write("5")
             self._baseline_kib = _read_status_kib()["VmRSS"]
         except OSError:
-            import resource
-
             self.method = "ru_maxrss (growth above the earlier peak only)"
             self._baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -127,8 +126,6 @@ class PeakRssMeter:
         if self.method.startswith("VmHWM"):
             peak_kib = _read_status_kib()["VmHWM"]
         else:
-            import resource
-
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return max(0, peak_kib - self._baseline_kib) / 1024.0
 
@@ -148,6 +145,26 @@ def summarize_latencies(latencies_s: list[float], wall_s: float) -> LatencySumma
         p95_ms=ordered[p95_index] * 1000.0,
         per_second=len(ordered) / wall_s if wall_s > 0 else float("nan"),
     )
+
+
+def cpu_usage() -> tuple[float, float]:
+    """Return this process's user and system CPU seconds, all threads included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def cpu_split(started: tuple[float, float], ended: tuple[float, float], lines: int) -> dict[str, float]:
+    """Return the CPU time per line between two ``cpu_usage()`` calls and its kernel share.
+
+    With many threads, waiting for the GIL and for handler locks shows up as kernel time.
+    """
+    user_s = ended[0] - started[0]
+    system_s = ended[1] - started[1]
+    total_s = user_s + system_s
+    return {
+        "cpu_us_per_line": total_s * 1e6 / lines,
+        "system_cpu_pct": 100.0 * system_s / total_s if total_s > 0 else 0.0,
+    }
 
 
 def sync_filesystems() -> None:

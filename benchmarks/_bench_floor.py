@@ -23,6 +23,8 @@ from _bench_common import (
     CountingHandler,
     PeakRssMeter,
     base_python,
+    cpu_split,
+    cpu_usage,
     output_line,
     producer_snippet,
     summarize_latencies,
@@ -198,14 +200,14 @@ def concurrency(root: Path, sizes: Sizes, variant: str) -> Result:
         for thread in threads:
             thread.start()
         barrier.wait()
-        cpu_started, wall_started = time.process_time(), time.perf_counter()
+        usage_started, wall_started = cpu_usage(), time.perf_counter()
         for thread in threads:
             thread.join()
-        cpu_s, wall_s = time.process_time() - cpu_started, time.perf_counter() - wall_started
+        usage_ended, wall_s = cpu_usage(), time.perf_counter() - wall_started
     finally:
         logger.removeHandler(handler)
     total = session_count * per_session
-    return {"cpu_us_per_line": cpu_s * 1e6 / total, "lines_per_s": total / wall_s}
+    return {**cpu_split(usage_started, usage_ended, total), "lines_per_s": total / wall_s}
 
 
 def memory(root: Path, sizes: Sizes, variant: str) -> Result:
@@ -222,7 +224,7 @@ def memory(root: Path, sizes: Sizes, variant: str) -> Result:
     meter.start()
     wall_s = _run_to_eof(command)
     growth_mib = meter.stop_mib()
-    return {"rss_growth_mib": growth_mib, "wall_s": wall_s, "records": 0.0}
+    return {"rss_growth_mib": growth_mib, "wall_s": wall_s}
 
 
 WORKLOADS = {

@@ -1,6 +1,6 @@
 """Workloads that drive a Session through the public ``openjd.sessions`` API only.
 
-The same code runs against upstream openjd-sessions 0.10.8 and against this package;
+The same code runs against upstream openjd-sessions 0.10.8 and against this package, and
 the venv that runs it decides which one is imported.
 """
 
@@ -20,6 +20,8 @@ from _bench_common import (
     CountingHandler,
     PeakRssMeter,
     base_python,
+    cpu_split,
+    cpu_usage,
     producer_snippet,
     summarize_latencies,
     sync_filesystems,
@@ -218,10 +220,12 @@ def _enter_secret_environment(session: Session, waiter: ActionWaiter) -> None:
 def output_throughput(root: Path, sizes: Sizes, variant: str) -> Result:
     redaction = variant == "redaction"
     count = sizes.output_lines
+    script = _producer(count, variant)
     waiter = ActionWaiter()
     handler = CountingHandler(check_secret=redaction)
     LOG.addHandler(handler)
     session = new_session(root, waiter, redaction=redaction)
+
     try:
         if redaction:
             _enter_secret_environment(session, waiter)
@@ -229,15 +233,13 @@ def output_throughput(root: Path, sizes: Sizes, variant: str) -> Result:
         handler.lines = 0
         sync_filesystems()
         cpu_started = time.process_time()
-        wall_s = _run_and_wait(session, waiter, _producer(count, variant), "output task")
+        wall_s = _run_and_wait(session, waiter, script, "output task")
         cpu_s = time.process_time() - cpu_started
     finally:
         session.cleanup()
         LOG.removeHandler(handler)
-    result: Result = {
-        "lines_per_s": count / wall_s,
-        "cpu_us_per_line": cpu_s * 1e6 / count,
-    }
+
+    result: Result = {"lines_per_s": count / wall_s, "cpu_us_per_line": cpu_s * 1e6 / count}
     problems = []
     if handler.lines != count:
         problems.append(f"the handler counted {handler.lines} of {count} output lines")
@@ -275,7 +277,7 @@ def cancel_latency(root: Path, sizes: Sizes, variant: str) -> Result:
                 if variant == "terminate":
                     time.sleep(0.05)
                 elif not ready.wait(ACTION_TIMEOUT_S):
-                    raise RuntimeError("the child did not print 'ready'")
+                    raise RuntimeError(f"the child did not print 'ready' within {ACTION_TIMEOUT_S} s")
                 started = time.perf_counter()
                 session.cancel_action()
                 _expect(waiter.wait(f"cancel {index}"), ActionState.CANCELED, f"cancel {index}")
@@ -305,7 +307,7 @@ def concurrency(root: Path, sizes: Sizes, variant: str) -> Result:
         barrier.wait()
         try:
             _run_and_wait(session, waiter, script, "concurrent output task")
-        except Exception as exc:  # reported below; one failed thread must not hang the rest
+        except Exception as exc:  # reported with the results, not as a thread traceback
             errors.append(str(exc))
 
     threads = [
@@ -317,16 +319,16 @@ def concurrency(root: Path, sizes: Sizes, variant: str) -> Result:
         for thread in threads:
             thread.start()
         barrier.wait()
-        cpu_started, wall_started = time.process_time(), time.perf_counter()
+        usage_started, wall_started = cpu_usage(), time.perf_counter()
         for thread in threads:
             thread.join()
-        cpu_s, wall_s = time.process_time() - cpu_started, time.perf_counter() - wall_started
+        usage_ended, wall_s = cpu_usage(), time.perf_counter() - wall_started
     finally:
         for session in sessions:
             session.cleanup()
         LOG.removeHandler(handler)
     total = session_count * per_session
-    result: Result = {"cpu_us_per_line": cpu_s * 1e6 / total, "lines_per_s": total / wall_s}
+    result: Result = {**cpu_split(usage_started, usage_ended, total), "lines_per_s": total / wall_s}
     problems = errors[:3]
     if handler.lines != total:
         problems.append(f"the handler counted {handler.lines} of {total} output lines")
@@ -339,7 +341,7 @@ def _memory_script(sizes: Sizes, variant: str) -> Any:
     if variant == "lines":
         return _producer(sizes.memory_lines, "plain")
     if variant == "bytes":
-        # 4 KiB lines: few enough records that a 1 GiB run stays short.
+        # 4 KiB lines keep the number of records low, so a 1 GiB run stays short.
         command = f"yes {'y' * 4095} | head -c {sizes.memory_bytes}"
     else:
         command = f"head -c {sizes.memory_line_bytes} /dev/zero | tr '\\000' a; echo"
@@ -355,6 +357,7 @@ def memory(root: Path, sizes: Sizes, variant: str) -> Result:
     try:
         _run_and_wait(session, waiter, _producer(100, "plain"), "warm-up task")
         script = _memory_script(sizes, variant)
+        handler.lines = handler.records = 0
         sync_filesystems()
         meter.start()
         wall_s = _run_and_wait(session, waiter, script, f"memory task {variant}")
@@ -362,7 +365,21 @@ def memory(root: Path, sizes: Sizes, variant: str) -> Result:
     finally:
         session.cleanup()
         LOG.removeHandler(handler)
-    return {"rss_growth_mib": growth_mib, "wall_s": wall_s, "records": float(handler.records)}
+    result: Result = {"rss_growth_mib": growth_mib, "wall_s": wall_s}
+    expected = _expected_memory_records(sizes, variant)
+    counted = handler.lines if variant == "lines" else handler.records
+    if counted < expected:
+        result["problems"] = [f"the handler saw {counted} records, expected at least {expected}"]
+    return result
+
+
+def _expected_memory_records(sizes: Sizes, variant: str) -> int:
+    if variant == "lines":
+        return sizes.memory_lines
+    if variant == "bytes":
+        return sizes.memory_bytes // 4096
+    # The library splits a long line into pieces of at most 64,000 characters.
+    return sizes.memory_line_bytes // 64_000
 
 
 WORKLOADS = {

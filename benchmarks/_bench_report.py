@@ -10,14 +10,14 @@ from typing import Optional
 UPSTREAM, OURS, FLOOR = "upstream", "ours", "floor"
 SIDES = (UPSTREAM, OURS, FLOOR)
 
-# results[(workload, variant)][side] holds one metrics dict per round, or None for a round
+# results[(workload, variant)][side] contains one metrics dict per round, or None for a round
 # whose worker failed or did not run.
 RoundMetrics = Optional[dict[str, float]]
 Results = dict[tuple[str, str], dict[str, list[RoundMetrics]]]
 
 # Growth limit that the driver treats as "bounded" for the 1 GiB and 100 MiB memory cases.
-# The issue gives no number; 32 MiB is far below either output size, so an implementation
-# that keeps the output or the whole line in memory cannot pass.
+# The targets give no number for these. 32 MiB is far below either output size, so an
+# implementation that keeps the output or the whole line in memory cannot pass.
 BOUNDED_GROWTH_MIB = 32.0
 
 
@@ -27,8 +27,9 @@ class Target:
     workload: str
     variant: str
     metric: str
-    # "upstream" or "floor": paired ratio ours/that side; "absolute": the median of ours;
-    # any other value names a variant of the same workload: paired ratio ours/ours-there.
+    # With "upstream" or "floor" the value is the paired ratio ours/that side. With "absolute"
+    # it is the median of ours. Any other value names a variant of the same workload, and the
+    # value is the paired ratio of ours in this variant to ours in that one.
     compare_to: str
     limit: float
     at_least: bool = False
@@ -84,14 +85,22 @@ def median_of(rounds: list[RoundMetrics], metric: str) -> Optional[float]:
     return statistics.median(present) if present else None
 
 
-def paired_ratio(
+def paired_ratios(
     numerators: list[RoundMetrics], denominators: list[RoundMetrics], metric: str
-) -> Optional[float]:
-    """Return the median over rounds of numerator/denominator, using rounds where both ran."""
+) -> list[float]:
+    """Return numerator/denominator for each round in which both sides ran."""
     ratios = []
     for top, bottom in zip(_values(numerators, metric), _values(denominators, metric)):
         if top is not None and bottom is not None and bottom > 0:
             ratios.append(top / bottom)
+    return ratios
+
+
+def paired_ratio(
+    numerators: list[RoundMetrics], denominators: list[RoundMetrics], metric: str
+) -> Optional[float]:
+    """Return the median over rounds of numerator/denominator, using rounds where both ran."""
+    ratios = paired_ratios(numerators, denominators, metric)
     return statistics.median(ratios) if ratios else None
 
 
@@ -135,31 +144,36 @@ def results_table(results: Results) -> str:
     return "\n".join(lines)
 
 
-def target_value(target: Target, results: Results) -> Optional[float]:
+def target_values(target: Target, results: Results) -> list[float]:
+    """Return the per-round values that the target's median is taken over."""
     empty: list[RoundMetrics] = []
     sides = results.get((target.workload, target.variant), {})
     ours = sides.get(OURS, empty)
     if target.compare_to == "absolute":
-        return median_of(ours, target.metric)
+        return [value for value in _values(ours, target.metric) if value is not None]
     if target.compare_to in (UPSTREAM, FLOOR):
-        return paired_ratio(ours, sides.get(target.compare_to, empty), target.metric)
+        return paired_ratios(ours, sides.get(target.compare_to, empty), target.metric)
     other = results.get((target.workload, target.compare_to), {}).get(OURS, empty)
-    return paired_ratio(ours, other, target.metric)
+    return paired_ratios(ours, other, target.metric)
 
 
 def targets_table(results: Results) -> str:
     lines = [
-        "| target | workload | metric | measured (ours) | limit | verdict |",
-        "|---|---|---|---:|---|---|",
+        "| target | workload | metric | measured (ours) | rounds min-max | limit | verdict |",
+        "|---|---|---|---:|---:|---|---|",
     ]
     for target in TARGETS:
         if (target.workload, target.variant) not in results:
             continue
-        value = target_value(target, results)
-        shown = _format(value) if target.compare_to == "absolute" else _format(value, ratio=True)
+        values = target_values(target, results)
+        value = statistics.median(values) if values else None
+        is_ratio = target.compare_to != "absolute"
+        spread = "n/a"
+        if values:
+            spread = f"{_format(min(values), is_ratio)}-{_format(max(values), is_ratio)}"
         name = f"{target.workload}/{target.variant}" if target.variant else target.workload
         lines.append(
-            f"| {target.label} | {name} | {target.metric} | {shown} | {target.limit_text()}"
-            f" | {target.verdict(value)} |"
+            f"| {target.label} | {name} | {target.metric} | {_format(value, is_ratio)} | {spread}"
+            f" | {target.limit_text()} | {target.verdict(value)} |"
         )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ target. Only the standard library is used here.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -50,8 +51,52 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def _first_match(path: str, prefix: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def describe_machine() -> dict[str, str]:
+    """Return the facts about this host that the benchmark page records."""
+    memory_kib = _first_match("/proc/meminfo", "MemTotal").split()[0]
+    filesystem = subprocess.run(["df", "--output=fstype,source", str(WORK_ROOT)],
+                                capture_output=True, text=True, check=False).stdout.split()
+    return {
+        "cpu": _first_match("/proc/cpuinfo", "model name"),
+        "cores": str(os.cpu_count()),
+        "memory": f"{int(memory_kib) / 1024 / 1024:.0f} GiB" if memory_kib.isdigit() else "unknown",
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "work_filesystem": " ".join(filesystem[-2:]) if len(filesystem) >= 2 else "unknown",
+        "load_average_at_start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
+    }
+
+
+def describe_build() -> dict[str, str]:
+    """Return the git commit of this tree and a digest of ``src/``, which names the build."""
+    head = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    status = subprocess.run(["git", "-C", str(REPOSITORY), "status", "--porcelain", "--", "src"],
+                            capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256()
+    for path in sorted((REPOSITORY / "src").rglob("*.py")):
+        digest.update(str(path.relative_to(REPOSITORY)).encode())
+        digest.update(path.read_bytes())
+    return {
+        "commit": head or "unknown",
+        "src_changes_since_commit": "yes" if status.strip() else "no",
+        "src_sha256": digest.hexdigest()[:12],
+    }
+
+
 def _run_quietly(command: list[str], what: str) -> Optional[str]:
-    """Run a setup command; return None on success, else the last lines of its output."""
+    """Run a setup command and return None on success, or the last lines of its output."""
     completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, check=False)
     if completed.returncode == 0:
@@ -66,18 +111,22 @@ def _pip_install(python: Path, requirements: list[str]) -> list[str]:
 
 
 def prepare_venv(name: str, rebuild: bool) -> tuple[Optional[Path], str]:
-    """Create or refresh one venv; return its python, or None and the reason it is unusable."""
+    """Create or refresh one venv.
+
+    Returns its interpreter and the import probe's output, or None and the reason that the
+    venv cannot be used.
+    """
     venv = VENVS / name
     python = venv / "bin" / "python"
     marker = venv / ".bench-requirements"
-    wanted = " ".join(UPSTREAM_REQUIREMENTS if name == UPSTREAM else [MODEL_REQUIREMENT])
-    if rebuild or not marker.is_file() or marker.read_text() != wanted:
-        log(f"setup: creating venv {venv} with {wanted}")
+    requirements = " ".join(UPSTREAM_REQUIREMENTS if name == UPSTREAM else [MODEL_REQUIREMENT])
+    if rebuild or not marker.is_file() or marker.read_text() != requirements:
+        log(f"setup: creating venv {venv} with {requirements}")
         error = _run_quietly([sys.executable, "-m", "venv", "--clear", str(venv)], "python -m venv")
-        error = error or _run_quietly(_pip_install(python, wanted.split()), "pip install")
+        error = error or _run_quietly(_pip_install(python, requirements.split()), "pip install")
         if error:
             return None, error
-        marker.write_text(wanted)
+        marker.write_text(requirements)
     if name == OURS:
         # Non-editable, so the worker imports what a user would install from this tree.
         log(f"setup: installing {REPOSITORY} into {venv}")
@@ -121,35 +170,47 @@ def _describe(metrics: dict[str, float]) -> str:
 
 def run_rounds(pythons: dict[str, Path], selection: list[tuple[str, str]], rounds: int,
                quick: bool) -> tuple[Results, list[str]]:
+    """Run every selected variant ``rounds`` times and collect the metrics of each run.
+
+    Within a round, all variants of one workload run back to back, so that a comparison
+    between variants (such as 32 sessions against 1) pairs runs made close together.
+    """
     results: Results = {}
     problems: list[str] = []
     library_sides = [side for side in (UPSTREAM, OURS) if side in pythons]
     floor_python = pythons.get(OURS) or pythons.get(UPSTREAM)
+    assert floor_python is not None
     total = len(selection) * rounds * (len(library_sides) + 1)
     done = 0
-    for workload, variant in selection:
-        sides: dict[str, list[RoundMetrics]] = {side: [] for side in (UPSTREAM, OURS, FLOOR)}
-        results[(workload, variant)] = sides
-        label = f"{workload}/{variant}" if variant else workload
+    workloads = list(dict.fromkeys(workload for workload, _ in selection))
+    for workload in workloads:
+        variants = [variant for name, variant in selection if name == workload]
+        for variant in variants:
+            results[(workload, variant)] = {side: [] for side in (UPSTREAM, OURS, FLOOR)}
         for round_index in range(rounds):
             order = library_sides if round_index % 2 == 0 else library_sides[::-1]
-            for side in [*order, FLOOR]:
-                done += 1
-                python = floor_python if side == FLOOR else pythons[side]
-                assert python is not None
-                outcome = run_worker(python, workload, variant, side == FLOOR, quick)
-                metrics = outcome.get("metrics")
-                prefix = f"[{done}/{total}] {label} round {round_index + 1} {side}"
-                if "error" in outcome or metrics is None:
-                    log(f"{prefix}: FAILED {outcome.get('error')}")
-                    problems.append(f"{label} {side} round {round_index + 1}: {outcome.get('error')}")
-                    sides[side].append(None)
-                    continue
-                for problem in outcome.get("problems", []):
-                    problems.append(f"{label} {side} round {round_index + 1}: {problem}")
-                log(f"{prefix}: {_describe(metrics)}")
-                sides[side].append(metrics)
+            for variant in variants:
+                label = f"{workload}/{variant}" if variant else workload
+                for side in [*order, FLOOR]:
+                    done += 1
+                    python = floor_python if side == FLOOR else pythons[side]
+                    outcome = run_worker(python, workload, variant, side == FLOOR, quick)
+                    where = f"{label} round {round_index + 1} {side}"
+                    metrics = _record(outcome, where, problems)
+                    log(f"[{done}/{total}] {where}: "
+                        + (_describe(metrics) if metrics else f"FAILED {outcome.get('error')}"))
+                    results[(workload, variant)][side].append(metrics)
     return results, problems
+
+
+def _record(outcome: dict[str, Any], where: str, problems: list[str]) -> RoundMetrics:
+    """Return the metrics of one worker run, adding its errors and problems to ``problems``."""
+    metrics = outcome.get("metrics")
+    if "error" in outcome or metrics is None:
+        problems.append(f"{where}: {outcome.get('error')}")
+        return None
+    problems.extend(f"{where}: {problem}" for problem in outcome.get("problems", []))
+    return dict(metrics)
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -161,6 +222,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="fewer tasks, lines and bytes, for a smoke run")
     parser.add_argument("--rebuild", action="store_true", help="recreate both venvs")
+    parser.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="print the tables of an earlier run's results file and exit")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE,
                         help=f"where to write the raw per-round results (default {RESULTS_FILE})")
     arguments = parser.parse_args(argv)
@@ -175,14 +238,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 def select(only: str) -> list[tuple[str, str]]:
     """Return the (workload, variant) pairs that ``--only`` names, in the registry's order."""
-    wanted = [item.strip() for item in only.split(",") if item.strip()]
+    requested = [item.strip() for item in only.split(",") if item.strip()]
     selection = []
     for workload, variants in VARIANTS.items():
         for variant in variants:
-            if not wanted or workload in wanted or f"{workload}:{variant}" in wanted:
+            if not requested or workload in requested or f"{workload}:{variant}" in requested:
                 selection.append((workload, variant))
     known = set(VARIANTS) | {f"{w}:{v}" for w, vs in VARIANTS.items() for v in vs}
-    unknown = [item for item in wanted if item not in known]
+    unknown = [item for item in requested if item not in known]
     if unknown:
         raise ValueError(f"--only names unknown workloads {unknown}; known: {sorted(known)}")
     return selection
@@ -199,39 +262,11 @@ def scaling_summary(results: Results) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    arguments = parse_arguments(argv)
-    started = time.perf_counter()
-    VENVS.mkdir(exist_ok=True)
-    WORK_ROOT.mkdir(exist_ok=True)
-    pythons: dict[str, Path] = {}
-    unavailable: dict[str, str] = {}
-    for side in (UPSTREAM, OURS):
-        python, detail = prepare_venv(side, arguments.rebuild)
-        if python is None:
-            unavailable[side] = detail
-            log(f"setup: {side} is unavailable and will be skipped: {detail}")
-        else:
-            pythons[side] = python
-            log(f"setup: {side} imports openjd.sessions {detail}")
-    if not pythons:
-        log("neither venv can import openjd.sessions; nothing to run")
-        return 1
-
-    results, problems = run_rounds(pythons, arguments.selection, arguments.rounds, arguments.quick)
-    elapsed = time.perf_counter() - started
-
-    arguments.results.parent.mkdir(parents=True, exist_ok=True)
-    serializable = [
-        {"workload": w, "variant": v, "rounds": sides} for (w, v), sides in results.items()
-    ]
-    arguments.results.write_text(json.dumps(
-        {"rounds": arguments.rounds, "quick": arguments.quick, "elapsed_s": elapsed,
-         "unavailable": unavailable, "results": serializable}, indent=1))
-
+def print_report(results: Results, rounds: int, quick: bool, unavailable: dict[str, str],
+                 problems: list[str]) -> None:
     log("")
-    log(f"## Results: medians of {arguments.rounds} rounds"
-        f"{' (--quick sizes)' if arguments.quick else ''}; ratios are medians of per-round ratios")
+    log(f"## Results: medians of {rounds} rounds{' (--quick sizes)' if quick else ''};"
+        " ratios are medians of per-round ratios")
     log("")
     log(results_table(results))
     scaling = scaling_summary(results)
@@ -248,7 +283,65 @@ def main(argv: list[str]) -> int:
         log("\nProblems reported by workers:")
         for problem in problems:
             log(f"- {problem}")
-    log(f"\nTotal time {elapsed / 60:.1f} min; raw results in {arguments.results}")
+
+
+def report_saved(path: Path) -> int:
+    """Print the tables of a results file written by an earlier run."""
+    record = json.loads(path.read_text())
+    results: Results = {
+        (entry["workload"], entry["variant"]): entry["rounds"] for entry in record["results"]
+    }
+    log(f"machine: {record.get('machine')}")
+    log(f"ours build: {record.get('ours_build')}")
+    log(f"venvs: {record.get('venvs')}")
+    print_report(results, record["rounds"], record["quick"], record.get("unavailable", {}),
+                 record.get("problems", []))
+    log(f"\nThat run took {record['elapsed_s'] / 60:.1f} min.")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    arguments = parse_arguments(argv)
+    if arguments.report is not None:
+        return report_saved(arguments.report)
+    started = time.perf_counter()
+    VENVS.mkdir(exist_ok=True)
+    WORK_ROOT.mkdir(exist_ok=True)
+    pythons: dict[str, Path] = {}
+    unavailable: dict[str, str] = {}
+    venv_details: dict[str, str] = {}
+    for side in (UPSTREAM, OURS):
+        python, detail = prepare_venv(side, arguments.rebuild)
+        if python is None:
+            unavailable[side] = detail
+            log(f"setup: {side} is unavailable and will be skipped: {detail}")
+        else:
+            pythons[side] = python
+            venv_details[side] = detail
+            log(f"setup: {side} imports openjd.sessions {detail}")
+    if not pythons:
+        log("neither venv can import openjd.sessions; nothing to run")
+        return 1
+
+    machine, build = describe_machine(), describe_build()
+    log("machine: " + ", ".join(f"{key}={value}" for key, value in machine.items()))
+    log("ours build: " + ", ".join(f"{key}={value}" for key, value in build.items()))
+    results, problems = run_rounds(pythons, arguments.selection, arguments.rounds, arguments.quick)
+    elapsed = time.perf_counter() - started
+    machine["load_average_at_end"] = " ".join(f"{load:.2f}" for load in os.getloadavg())
+
+    arguments.results.parent.mkdir(parents=True, exist_ok=True)
+    serializable = [
+        {"workload": w, "variant": v, "rounds": sides} for (w, v), sides in results.items()
+    ]
+    arguments.results.write_text(json.dumps(
+        {"rounds": arguments.rounds, "quick": arguments.quick, "elapsed_s": elapsed,
+         "machine": machine, "ours_build": build, "venvs": venv_details,
+         "unavailable": unavailable, "problems": problems, "results": serializable}, indent=1))
+
+    print_report(results, arguments.rounds, arguments.quick, unavailable, problems)
+    log(f"\nTotal time {elapsed / 60:.1f} min; load average at the end"
+        f" {machine['load_average_at_end']}; raw results in {arguments.results}")
     return 0
 
 
