@@ -526,8 +526,6 @@ def test_close_removes_session_cgroups(children: Children) -> None:
     _, running = children.start_tracked(processes, "time.sleep(120)")
     finished.wait(timeout=TIMEOUT)
     first.release()
-    assert first.cgroup_path is not None
-    assert not os.path.exists(first.cgroup_path)
 
     running.kill()
     processes.close()
@@ -769,3 +767,19 @@ def test_kill_while_other_thread_reads_members(session: SessionProcesses, childr
 
     assert errors == []
     assert action.members() == []
+
+
+@needs_cgroup
+def test_released_cgroup_reused_by_next_action(children: Children) -> None:
+    processes = SessionProcesses("reuse", CGROUP)
+    try:
+        finished, first = children.start_tracked(processes, "")
+        finished.wait(timeout=TIMEOUT)
+        first.release()
+
+        prefix = processes.spawn_prefix()
+
+        assert first.cgroup_path is not None
+        assert prefix[-1] == os.path.join(first.cgroup_path, "cgroup.procs")
+    finally:
+        processes.close()

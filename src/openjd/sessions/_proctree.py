@@ -113,6 +113,8 @@ class ActionProcesses:
         use_kill_file: bool,
         on_removed: Callable[[], None],
         joins_itself: bool = False,
+        recycle: Optional[Callable[[str], None]] = None,
+        recycled: bool = False,
     ) -> None:
         self.main_pid = main_pid
         self.mechanism = PROCESS_GROUP
@@ -122,6 +124,9 @@ class ActionProcesses:
         self.tracking_error: Optional[OSError] = None
         self._use_kill_file = use_kill_file
         self._on_removed = on_removed
+        self._recycle = recycle
+        # CPU time that earlier actions used in a recycled cgroup.
+        self._cpu_baseline = (read_cpu_usage(cgroup) or 0.0) if cgroup is not None and recycled else 0.0
         self._lock = threading.Lock()
         self._killed = False
         self._removed = False
@@ -268,7 +273,8 @@ class ActionProcesses:
             if self._removed:
                 return self._final_cpu_usage
             cgroup = self.cgroup_path
-        return None if cgroup is None else read_cpu_usage(cgroup)
+        usage = None if cgroup is None else read_cpu_usage(cgroup)
+        return None if usage is None else usage - self._cpu_baseline
 
     def release(self) -> None:
         """Remove the action's cgroup after the action ended, if no process is left in it.
@@ -279,7 +285,30 @@ class ActionProcesses:
         after reaping the main process, so that its pidfd can be closed.
         """
         self._current_root()
-        self._remove_cgroup(_KILLED_EXIT_TIMEOUT if self._killed else 0.0)
+        if not self._recycle_cgroup():
+            self._remove_cgroup(0.0)
+
+    def _recycle_cgroup(self) -> bool:
+        """Hand an empty cgroup back to the session for the next action; return whether it was.
+
+        Reusing a cgroup saves a mkdir() and an rmdir() on the path of every action. A cgroup
+        that still holds processes (killed ones that are still exiting, or a daemon) stays
+        with this action until ``close()``.
+        """
+        cgroup = self._live_cgroup
+        if cgroup is None or self._recycle is None:
+            return False
+        if not wait_for_event(cgroup, "populated", "0", 0.0):
+            return False
+        with self._lock:
+            if self._removed:
+                return True
+            usage = read_cpu_usage(cgroup)
+            self._final_cpu_usage = None if usage is None else usage - self._cpu_baseline
+            self._removed = True
+        self._on_removed()
+        self._recycle(cgroup)
+        return True
 
     def _remove_cgroup(self, timeout: float) -> bool:
         """Remove the cgroup if it empties within ``timeout`` s; return whether it is gone."""
@@ -335,6 +364,9 @@ class SessionProcesses:
         self._action_count = 0
         self._next_cgroup: Optional[str] = None  # Created by child_setup() for track().
         self._next_joins_itself = False  # spawn_prefix() was used for the next child.
+        self._spare: list[str] = []  # Empty action cgroups that earlier actions released.
+        self._next_recycled = False
+        self._cgroup_count = 0
         self._closed = False
         self.cgroup_path: Optional[str] = None
         if mechanism != PROCESS_GROUP:
@@ -369,12 +401,10 @@ class SessionProcesses:
             if self.cgroup_path is None or self._closed:
                 return None
             if self._next_cgroup is None:
-                path = os.path.join(self.cgroup_path, f"action-{self._action_count + 1}")
-                try:
-                    os.mkdir(path)
-                except OSError:
+                self._next_recycled = bool(self._spare)
+                self._next_cgroup = self._spare.pop() if self._spare else self._new_action_cgroup()
+                if self._next_cgroup is None:
                     return None  # track() tries again and reports the error.
-                self._next_cgroup = path
             procs_file = os.path.join(self._next_cgroup, "cgroup.procs")
         return functools.partial(join_cgroup, procs_file)
 
@@ -392,12 +422,10 @@ class SessionProcesses:
             if self.cgroup_path is None or self._closed:
                 return []
             if self._next_cgroup is None:
-                path = os.path.join(self.cgroup_path, f"action-{self._action_count + 1}")
-                try:
-                    os.mkdir(path)
-                except OSError:
+                self._next_recycled = bool(self._spare)
+                self._next_cgroup = self._spare.pop() if self._spare else self._new_action_cgroup()
+                if self._next_cgroup is None:
                     return []  # track() tries again and reports the error.
-                self._next_cgroup = path
             self._next_joins_itself = True
             procs_file = os.path.join(self._next_cgroup, "cgroup.procs")
         return [_SHELL, "-c", 'echo 0 > "$0" && exec "$@"', procs_file]
@@ -416,14 +444,37 @@ class SessionProcesses:
             prepared = self._next_cgroup is not None
             cgroup = self._next_cgroup
             joins_itself = self._next_joins_itself
+            recycled = self._next_recycled
             self._next_cgroup = None
             self._next_joins_itself = False
+            self._next_recycled = False
             if cgroup is None and self.cgroup_path is not None:
-                cgroup = os.path.join(self.cgroup_path, f"action-{number}")
+                self._cgroup_count += 1
+                cgroup = os.path.join(self.cgroup_path, f"action-{self._cgroup_count}")
             forget = functools.partial(self._forget, number)
-            action = ActionProcesses(pid, cgroup, prepared, self._use_kill_file, forget, joins_itself)
+            action = ActionProcesses(
+                pid, cgroup, prepared, self._use_kill_file, forget, joins_itself, self._recycle_cgroup, recycled
+            )
             self._actions[number] = action
         return action
+
+    def _new_action_cgroup(self) -> Optional[str]:
+        """Create the cgroup for the next action; call with the lock held."""
+        assert self.cgroup_path is not None
+        self._cgroup_count += 1
+        path = os.path.join(self.cgroup_path, f"action-{self._cgroup_count}")
+        try:
+            os.mkdir(path)
+        except OSError:
+            return None
+        return path
+
+    def _recycle_cgroup(self, cgroup: str) -> None:
+        with self._lock:
+            if self._closed:
+                remove_cgroup_dir(cgroup)
+            else:
+                self._spare.append(cgroup)
 
     def _forget(self, number: int) -> None:
         with self._lock:
@@ -469,9 +520,11 @@ class SessionProcesses:
                 return
             self._closed = True
             actions = list(self._actions.values())
-            unused = self._next_cgroup
-        if unused is not None:
-            remove_cgroup_dir(unused)
+            unused = [*self._spare, self._next_cgroup]
+            self._spare = []
+        for cgroup in unused:
+            if cgroup is not None:
+                remove_cgroup_dir(cgroup)
 
         deadline = time.monotonic() + timeout
         all_removed = True
