@@ -38,7 +38,7 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class TaskOutcome:
-    """What became of one submitted task. Every submitted task gets exactly one."""
+    """Result of one submitted task. Every submitted task gets exactly one."""
 
     task_id: str
     state: Optional[str]
@@ -51,7 +51,7 @@ class TaskOutcome:
     step_environment_failures: tuple[str, ...] = ()
     """Step environment enter actions that did not succeed on the worker before this task."""
     message: Optional[str] = None
-    """Why the task failed outside its action, for example because its worker was lost."""
+    """Reason the task failed outside its action, for example a lost worker."""
 
     @property
     def failed(self) -> bool:
@@ -94,7 +94,7 @@ class Backend(ABC):
 
     @abstractmethod
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
-        """Queue tasks to run. Tasks of one step keep their order within a worker."""
+        """Queue tasks to run, in the given order as far as the engine keeps an order."""
 
     @abstractmethod
     def next_outcome(self, timeout: float) -> Optional[TaskOutcome]:

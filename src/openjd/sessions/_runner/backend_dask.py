@@ -2,15 +2,16 @@
 
 Each task is one Dask task with a key of its own that calls ``dask_worker.run_task``.
 A worker plugin registered for the job keeps each worker's Sessions (see
-``worker_sessions``), and the workers send their events to this process on the job's
-event topic. The runner takes each result as it arrives and releases it at once, so
-Dask never reruns a task whose result it would otherwise keep on a worker that is lost.
+``worker_sessions``), and the workers send their events to this process through Dask's
+event topics, each message marked with the job's id. The runner takes each result as it
+arrives and releases it at once, so Dask never reruns a task whose result it would
+otherwise keep on a worker that is lost.
 
 Delivery is at least once: when a worker is lost while it runs a task, the scheduler
 runs the task again on another worker, after up to ``distributed.scheduler.allowed-failures``
-lost workers (3 by default), and the log says so.
+lost workers (3 by default), and the log reports each rerun.
 
-This module imports ``distributed`` only inside ``DaskBackend.start``, so that the
+This module imports ``distributed`` only inside ``DaskBackend`` methods, so that the
 command runs without the ``dask`` extra as long as no cluster option is given.
 """
 
@@ -33,6 +34,10 @@ from .plan import JobPlan, PlanError
 __all__ = ("ClusterTarget", "DaskBackend", "parse_cluster_option")
 
 DASK_EXTRA_HINT = "pip install 'openjd-sessions[dask]'"
+EVENT_TOPIC = "openjd-sessions"
+"""Dask event topic of every job. The scheduler keeps the latest events of each topic
+(``distributed.admin.low-level-log-length``, 1000 by default), so one topic for all jobs
+keeps that memory bounded. Each message names its job."""
 # How long ``close`` waits for the last events of the workers after they ended their Sessions.
 _FLUSH_WAIT_SECONDS = 10.0
 # How long a capacity value is reused before the scheduler is asked again.
@@ -41,7 +46,7 @@ _CAPACITY_TTL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class ClusterTarget:
-    """Where the tasks run: a local cluster of N workers, a scheduler address or a scheduler file."""
+    """Target cluster: a local cluster of N workers, a scheduler address or a scheduler file."""
 
     local_workers: Optional[int] = None
     address: Optional[str] = None
@@ -98,8 +103,8 @@ class DaskBackend(Backend):
         self._retain_working_dir = retain_working_dir
         self._verbose = verbose
         job_id = uuid.uuid4().hex[:12]
+        self._job_id = job_id
         self._plugin_name = f"openjd-sessions-{job_id}"
-        self._topic = f"openjd-sessions-{job_id}"
         self._key_prefix = f"openjd-{job_id}"
         # Objects of the partly typed ``distributed`` package: a LocalCluster and a Client.
         self._cluster: Any = None
@@ -120,27 +125,28 @@ class DaskBackend(Backend):
         distributed: Any = importlib.import_module("distributed")
         self._events = events
         if self._target.local_workers is not None:
+            # Every server of the cluster listens on 127.0.0.1 only. The HTTP servers need an
+            # explicit address, because distributed 2024.1 binds a worker's to every interface
+            # when its dashboard address is None.
             self._cluster = distributed.LocalCluster(
                 n_workers=self._target.local_workers,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address="127.0.0.1:0",
-                worker_dashboard_address=None,
+                worker_dashboard_address="127.0.0.1:0",
             )
             client = distributed.Client(self._cluster)
-        elif self._target.address is not None:
-            client = distributed.Client(self._target.address)
         else:
-            client = distributed.Client(scheduler_file=str(self._target.scheduler_file))
+            client = self._connect(distributed)
         with self._lock:
             self._client = client
 
-        client.subscribe_topic(self._topic, self._on_worker_events)
+        client.subscribe_topic(EVENT_TOPIC, self._on_worker_events)
         client.subscribe_topic("all", self._on_cluster_event)
         plugin = SessionsPlugin(
             plan,
-            self._topic,
+            self._job_id,
             retain_working_dir=self._retain_working_dir,
             verbose=self._verbose,
             own_process_group=self._cluster is not None,
@@ -148,12 +154,29 @@ class DaskBackend(Backend):
         client.register_plugin(plugin, name=self._plugin_name)
         return []
 
+    def _connect(self, distributed: Any) -> Any:
+        where = self._target.address or f"the address in {self._target.scheduler_file}"
+        try:
+            if self._target.address is not None:
+                return distributed.Client(self._target.address)
+            return distributed.Client(scheduler_file=str(self._target.scheduler_file))
+        except (OSError, TypeError, ValueError) as exc:
+            # Dask raises TypeError when a tls:// address comes without a client certificate.
+            raise OSError(
+                f"cannot connect to the Dask scheduler at {where}: {exc}. Check that the scheduler "
+                "runs and that this host can reach it. For tls://, set the CA file, client certificate "
+                "and key in the Dask configuration (distributed.comm.tls)."
+            ) from exc
+
     def capacity(self) -> int:
         checked, threads = self._capacity
         client = self._client
         if client is None or time.monotonic() - checked < _CAPACITY_TTL_SECONDS:
             return threads
-        threads = max(1, sum(int(count) for count in client.nthreads().values()))
+        try:
+            threads = max(1, sum(int(count) for count in client.nthreads().values()))
+        except OSError as exc:
+            self._report("WARNING", f"Could not read the worker count from the Dask scheduler: {exc}")
         self._capacity = (time.monotonic(), threads)
         return threads
 
@@ -197,18 +220,23 @@ class DaskBackend(Backend):
             client = self._client
         if client is None:
             return
-        replies = client.run(stop_job, self._plugin_name, cancel_running, immediate, on_error="return")
-        running = set()
-        for reply in replies.values():
-            if isinstance(reply, list):
-                running.update(reply)
-        with self._lock:
-            waiting = [future for future, task in self._futures.values() if task.task_id not in running]
-        # A task that starts after stop_job returned finds the job stopped and does not run,
-        # so every task that is not running now can be dropped.
-        pending = [future for future in waiting if future.status == "pending"]
-        if pending:
-            client.cancel(pending)
+        try:
+            replies = client.run(stop_job, self._plugin_name, cancel_running, immediate, on_error="return")
+            running = set()
+            for address, reply in replies.items():
+                if isinstance(reply, list):
+                    running.update(reply)
+                else:
+                    self._report("ERROR", f"Could not stop the job on worker {address}: {reply!r}", address)
+            with self._lock:
+                waiting = [future for future, task in self._futures.values() if task.task_id not in running]
+            # A task that starts after stop_job returned finds the job stopped and does not run,
+            # so every task that is not running now can be dropped.
+            pending = [future for future in waiting if future.status == "pending"]
+            if pending:
+                client.cancel(pending)
+        except OSError as exc:
+            self._report("ERROR", f"Could not stop the job on the Dask cluster: {exc}")
 
     def close(self) -> CloseReport:
         from .dask_worker import close_job
@@ -224,17 +252,29 @@ class DaskBackend(Backend):
                 token = uuid.uuid4().hex
                 replies = client.run(close_job, self._plugin_name, token, on_error="return")
                 self._collect(replies, report)
-                self._wait_for_markers(token, [address for address, reply in replies.items() if reply is not None])
-                client.unregister_worker_plugin(self._plugin_name)
-                client.unsubscribe_topic(self._topic)
-                client.unsubscribe_topic("all")
+                closed = [address for address, reply in replies.items() if isinstance(reply, CloseReport)]
+                self._wait_for_markers(token, closed)
         finally:
-            self._drain()
             if client is not None:
-                client.close()
+                self._disconnect(client)
+            self._drain()
             if self._cluster is not None:
                 self._cluster.close()
         return report
+
+    def _disconnect(self, client: Any) -> None:
+        """Remove the job's plugin from the workers and close the client, reporting failures."""
+        try:
+            client.unregister_worker_plugin(self._plugin_name)
+            client.unsubscribe_topic(EVENT_TOPIC)
+            client.unsubscribe_topic("all")
+        except Exception as exc:  # the job's work is done; only cleanup on the cluster failed
+            self._report("WARNING", f"Could not remove plugin {self._plugin_name} from the workers: {exc!r}")
+        client.close()
+
+    def _report(self, level: str, message: str, worker: Optional[str] = None) -> None:
+        """Queue a message of the runner itself for the output."""
+        self._inbox.put(LogEvent(session_id=None, level=level, message=message, time=time.time(), worker=worker))
 
     def _collect(self, replies: dict[str, Any], report: CloseReport) -> None:
         for address, reply in replies.items():
@@ -243,15 +283,7 @@ class DaskBackend(Backend):
                 for step, failures in reply.step_environment_failures.items():
                     report.step_environment_failures.setdefault(step, []).extend(failures)
             elif isinstance(reply, BaseException):
-                self._inbox.put(
-                    LogEvent(
-                        session_id=None,
-                        level="ERROR",
-                        message=f"Could not end the Sessions of the job on worker {address}: {reply!r}",
-                        time=time.time(),
-                        worker=address,
-                    )
-                )
+                self._report("ERROR", f"Could not end the Sessions of the job on worker {address}: {reply!r}", address)
 
     def _wait_for_markers(self, token: str, workers: list[str]) -> None:
         """Handle the workers' events until each worker's flush marker has arrived."""
@@ -301,14 +333,18 @@ class DaskBackend(Backend):
                     task_id=task.task_id,
                 )
             )
+        # NOTE: Dask may already have given the task to a worker that joined after the stop
+        # and so never learned of it. There the task can still run before this cancel arrives.
         if stopping and entries and self._client is not None:
             self._client.cancel([future for future, _ in entries])
 
     # The callbacks below run on threads of the Dask client. They only queue what they got.
 
     def _on_worker_events(self, event: tuple[float, Any]) -> None:
-        _, batch = event
-        for data in batch:
+        _, message = event
+        if not isinstance(message, dict) or message.get("job") != self._job_id:
+            return  # another job on the same cluster
+        for data in message.get("events", ()):
             if WIRE_FLUSH_KEY in data:
                 self._inbox.put(_Flushed(f"{data[WIRE_FLUSH_KEY]}:{data.get('worker')}"))
             else:

@@ -68,7 +68,7 @@ class LocalBackend(Backend):
             worker.opened.wait()
             if worker.error is not None:
                 raise worker.error
-            failures.extend(self.describe(failure, worker.name) for failure in worker.job_enter_failures)
+            failures.extend(self.describe(failure, worker.worker_name) for failure in worker.job_enter_failures)
         return failures
 
     def capacity(self) -> int:
@@ -111,9 +111,10 @@ class LocalBackend(Backend):
         report = CloseReport()
         for worker in self._workers:
             worker.join()
-            report.job_environment_failures.extend(self.describe(item, worker.name) for item in worker.exit_failures)
+            name = worker.worker_name
+            report.job_environment_failures.extend(self.describe(item, name) for item in worker.exit_failures)
             for step_name, failures in worker.step_exit_failures.items():
-                described = [self.describe(item, worker.name) for item in failures]
+                described = [self.describe(item, name) for item in failures]
                 report.step_environment_failures.setdefault(step_name, []).extend(described)
         if self._forwarder is not None:
             LOG.removeHandler(self._forwarder)
@@ -125,7 +126,7 @@ class LocalBackend(Backend):
 
     @property
     def cancel_request(self) -> Optional[bool]:
-        """``None`` without a cancel, else whether the last cancel asked to terminate at once."""
+        """``None`` without a cancel, else whether the last cancel requested termination at once."""
         return self._cancel
 
     def describe(self, failure: str, worker: str) -> str:
@@ -262,7 +263,13 @@ class _LocalWorker(threading.Thread):
             if isinstance(item, _Drained):
                 self._exit_step()
                 continue
-            self._backend.put_outcome(self._run(item))
+            try:
+                outcome = self._run(item)
+            except Exception as exc:
+                # Report the task as failed so that the runner does not wait for it forever.
+                message = f"Task {item.task_id} failed on {self.worker_name}: {type(exc).__name__}: {exc}"
+                outcome = TaskOutcome(task_id=item.task_id, state=None, worker=self.worker_name, message=message)
+            self._backend.put_outcome(outcome)
 
     def _run(self, task: TaskSpec) -> TaskOutcome:
         if self.job_enter_failures or self.driver.stopped or self._backend.stopped:

@@ -3,8 +3,8 @@
 ``JobRunner`` is the part of the runner that does not depend on the engine. It starts a
 step once every step it depends on has finished with all tasks succeeded, hands the
 step's tasks to the backend, and reports the start and end of each step. Independent
-steps run at the same time when the workers have room: the next ready step starts once
-fewer tasks are outstanding than the backend can run at once, so with one worker the
+steps run at the same time when the workers have room. The next ready step starts once
+fewer tasks are outstanding than the backend can run at once. So with one worker, the
 steps run one after another in dependency order.
 
 The first task that does not succeed stops the run: no new step starts, tasks that have
@@ -224,7 +224,7 @@ class _EventTracker:
     """Event sink in front of the output: notes sessions, workers and tasks that run again.
 
     A task that reports ``running`` from a second worker before it ended started again
-    because the first worker was lost, so the tracker counts it and says so in the log.
+    because the first worker was lost, so the tracker counts it and logs a warning.
     """
 
     def __init__(self, events: EventSink, result: JobResult) -> None:

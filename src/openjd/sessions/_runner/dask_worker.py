@@ -3,7 +3,7 @@
 The runner registers one ``SessionsPlugin`` per job. Dask sends it to every worker,
 including workers that join or restart later, and calls ``setup`` there. The plugin keeps
 the worker's Sessions of the job in a ``WorkerSessions`` and sends their events to the
-runner in batches through ``Worker.log_event`` on the job's topic. ``run_task`` is the
+runner in batches through ``Worker.log_event``. ``run_task`` is the
 function of every Dask task, ``stop_job`` and ``close_job`` run through ``Client.run``.
 
 This module imports ``distributed``, so only the Dask backend and the workers import it.
@@ -23,6 +23,7 @@ from distributed import Worker, WorkerPlugin, get_worker
 from openjd.sessions import LOG
 
 from .backend import CloseReport, TaskOutcome, TaskSpec
+from .backend_dask import EVENT_TOPIC
 from .containment import guard_worker_process
 from .driver import LogForwarder
 from .events import WIRE_FLUSH_KEY, ActionEvent, Event, LogEvent, SessionEvent, event_to_wire
@@ -43,7 +44,7 @@ class SessionsPlugin(WorkerPlugin):
     def __init__(
         self,
         plan: JobPlan,
-        topic: str,
+        job_id: str,
         *,
         retain_working_dir: bool = False,
         verbose: bool = False,
@@ -51,14 +52,15 @@ class SessionsPlugin(WorkerPlugin):
     ) -> None:
         # Only these attributes are pickled and sent to the workers. ``setup`` adds the rest.
         self.plan = plan
-        self.topic = topic
+        self.job_id = job_id
         self.retain_working_dir = retain_working_dir
         self.verbose = verbose
         self.own_process_group = own_process_group
 
     def setup(self, worker: Worker) -> None:
         self._label = str(worker.address)
-        self._sink = _TopicSink(lambda batch: worker.log_event(self.topic, batch))
+        job_id = self.job_id
+        self._sink = _TopicSink(lambda batch: worker.log_event(EVENT_TOPIC, {"job": job_id, "events": batch}))
         if self.own_process_group and os.name == "posix":
             # Leave the runner's process group, so that Ctrl-C in the runner's terminal
             # reaches only the runner, which cancels the job through stop_job.
@@ -179,7 +181,7 @@ class _TopicSink:
             self.flush()
 
     def send_marker(self, token: str, worker: str) -> None:
-        """Queue the message that tells the runner that no event of ``worker`` comes before it."""
+        """Queue the marker after which the runner receives no more events of ``worker``."""
         with self._lock:
             self._buffer.append({WIRE_FLUSH_KEY: token, "worker": worker})
 

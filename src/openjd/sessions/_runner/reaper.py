@@ -38,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while sys.stdin.buffer.read(65536):
         pass
+    wait_for_parent_exit(args.pid)
 
     killed: set[int] = set()
     if args.cgroup:
@@ -49,6 +50,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cgroup:
         remove_cgroup_tree(args.cgroup)
     return 0
+
+
+def wait_for_parent_exit(pid: int) -> None:
+    """Wait until the worker ``pid``, the parent of this process, has exited completely.
+
+    Linux closes the files of an exiting process before the process leaves its cgroup, so
+    the end of file can come while the worker is still in the cgroup. Killing the cgroup
+    then would turn a clean exit into a SIGKILL. The kernel gives this process a new parent
+    only after the last thread of the worker has left its cgroup.
+    """
+    while os.getppid() == pid:
+        time.sleep(_SCAN_PAUSE)
 
 
 def kill_cgroup_tree(path: str) -> set[int]:

@@ -39,7 +39,7 @@ class _EnvironmentSession:
     ready: bool = False
     """True when every environment was entered, so tasks may run."""
     busy_task: Optional[str] = None
-    """Id of the task that holds the Session, or ``None`` while it is free."""
+    """Id of the task that is using the Session, or ``None`` while it is free."""
 
 
 class WorkerSessions:
@@ -88,7 +88,9 @@ class WorkerSessions:
                 outcome = self._open(session, task)
                 if outcome is not None:
                     return outcome
-            if not session.ready:
+            if not session.ready or session.driver.stopped:
+                # After an action that did not succeed, a Session only accepts environment
+                # exits, and the job is stopping anyway.
                 return TaskOutcome(task_id=task.task_id, state=None, worker=self._worker)
             started = time.monotonic()
             status = session.driver.run_task(step, task.parameters, task_id=task.task_id)
@@ -143,9 +145,7 @@ class WorkerSessions:
                 failures = session.driver.exit_environments(
                     session.step_entered, step=session.step.name, keep_session_running=True
                 )
-                report.step_environment_failures.setdefault(session.step.name, []).extend(
-                    self._describe(failures)
-                )
+                report.step_environment_failures.setdefault(session.step.name, []).extend(self._describe(failures))
             failures = session.driver.exit_environments(session.job_entered, step=None, keep_session_running=False)
             report.job_environment_failures.extend(self._describe(failures))
             session.driver.close_session()
