@@ -149,7 +149,12 @@ def remove_as_user(user: PosixSessionUser, entries: Sequence[Path]) -> tuple[lis
     Files that the user created inside the working directory can be private to that user,
     so the host user could not delete them itself.
     """
-    argv = [helper_path("rm"), "-rf", "--", *(str(entry) for entry in entries)]
+    paths = [str(entry) for entry in entries]
+    # rm cannot empty a directory that the user made read-only (chmod 500), so give the
+    # user write access to its own directories first. find does not follow symbolic links.
+    make_writable = [helper_path("find"), *paths, "-type", "d", "-exec", helper_path("chmod"), "u+rwx", "{}", "+"]
+    _raise_if_refused(user, _run_as_user(user, make_writable))
+    argv = [helper_path("rm"), "-rf", "--", *paths]
     result = _run_as_user(user, argv)
     _raise_if_refused(user, result)
     return [helper_path("sudo"), "-n", "-u", user.user, "--", *argv], result.returncode, result.stdout.strip()
