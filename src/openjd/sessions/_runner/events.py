@@ -65,8 +65,7 @@ class ActionEvent:
     worker: Optional[str] = None
     """Worker that owns the session."""
     task_id: Optional[str] = None
-    """Identifier of the task within the job, for task actions and the environment
-    actions that a task started."""
+    """Identifier of the task within the job; set for task actions only."""
 
 
 @dataclass(frozen=True)
