@@ -488,7 +488,7 @@ def _join(argv: Sequence[str]) -> str:
 
 
 def _start_failure_reason(command: str, err: OSError) -> str:
-    if isinstance(err, FileNotFoundError):
+    if isinstance(err, FileNotFoundError) and err.filename in (None, command):
         return (
             f"Command not found: {command!r}. Check the command name, or give its absolute path "
             "or add its directory to PATH."

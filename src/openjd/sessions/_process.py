@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ._output import LineSplitter
-from ._proctree import ActionProcesses, SessionProcesses
+from ._proctree import CGROUP, ActionProcesses, SessionProcesses
 
 __all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_env")
 
@@ -217,13 +217,22 @@ class ActionProcess:
         The process group goes first: a child that has not yet joined its cgroup (see
         ``SessionProcesses.spawn_prefix``) is still the leader of that group.
         """
+        if self.processes.mechanism != CGROUP:
+            # The scan must see the tree before the main process dies: its children that
+            # left the group would be orphaned, and the scan could no longer reach them.
+            killed = self.processes.kill()
+            self._kill_group()
+            return killed
+        self._kill_group()
+        return self.processes.kill()
+
+    def _kill_group(self) -> None:
         with self._lock:
             if self.returncode is None:
                 try:
                     os.killpg(self.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass  # The group is empty, or only another user's processes are left.
-        return self.processes.kill()
 
     def close(self) -> None:
         """Release file descriptors; the process must have been reaped or killed."""
@@ -242,7 +251,13 @@ class ActionProcess:
 
 def _start(request: ProcessRequest, prefix: list[str]) -> subprocess.Popen[bytes]:
     argv = list(request.argv)
-    if "/" not in argv[0]:
+    if "/" in argv[0]:
+        command = os.path.join(request.cwd, argv[0])
+        if not os.path.isfile(command):
+            raise FileNotFoundError(errno.ENOENT, "No such file", argv[0])
+        if not os.access(command, os.X_OK):
+            raise PermissionError(errno.EACCES, "The file is not executable", argv[0])
+    else:
         # Resolve here so that a missing command is an OSError with a clear message in
         # both spawn paths; the shell of a prefix would only print "not found".
         search_path = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath)))

@@ -428,7 +428,7 @@ class SessionProcesses:
                     return []  # track() tries again and reports the error.
             self._next_joins_itself = True
             procs_file = os.path.join(self._next_cgroup, "cgroup.procs")
-        return [_SHELL, "-c", 'echo 0 > "$0" && exec "$@"', procs_file]
+        return [_SHELL, "-c", 'echo 0 > "$1" && shift && exec "$@"', "openjd-sessions", procs_file]
 
     def track(self, pid: int) -> ActionProcesses:
         """Start tracking the action whose main process is ``pid``; call right after spawn.

@@ -28,7 +28,7 @@ from openjd.model import (
 )
 
 from ._action import ActionRunner, EnvChanged, RunnerEvent, StatusChanged
-from ._env_vars import EnvOverrides, build_overrides, check_os_env_vars
+from ._env_vars import EnvOverrides, build_overrides, check_os_env_vars, invalid_variable_reason
 from ._files import (
     write_path_mapping_file,
 )
@@ -238,6 +238,9 @@ class Session:
         if not variables:
             return None
         for name, value in variables.items():
+            reason = invalid_variable_reason(name, str(value))
+            if reason is not None:
+                return f"Environment {entered.model.name} defines an invalid variable: {reason}."
             try:
                 resolved = value.resolve(symtab=symtab)
             except FormatStringError as err:
