@@ -10,6 +10,7 @@ through one callback that receives ``RunnerEvent`` values.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import threading
 import time
@@ -441,7 +442,7 @@ class ActionRunner:
         code = process.returncode
         assert code is not None
         self._logger.info(_exit_code_line(process.pid, code), content=LogContent.PROCESS_CONTROL)
-        if process.usage is not None:
+        if process.usage is not None and self._logger.is_enabled_for(logging.DEBUG):
             usage = process.usage
             self._logger.debug(
                 f"Resource usage of pid {process.pid} and the descendants it waited for: "

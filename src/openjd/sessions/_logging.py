@@ -99,6 +99,8 @@ class SessionLogger:
         self.level: Optional[int] = None
         self.redact: Optional[RedactFunction] = None
         self._output_extra = {"session_id": session_id, "openjd_log_content": LogContent.COMMAND_OUTPUT}
+        # makeRecord() only reads the extra mapping, so one dict per content flag serves every record.
+        self._extras: dict[Optional[LogContent], dict[str, object]] = {}
 
     def is_enabled_for(self, level: int) -> bool:
         if self.level is None:
@@ -116,9 +118,12 @@ class SessionLogger:
         """Log ``msg % args`` at ``level`` with the session's attributes."""
         if not self.is_enabled_for(level):
             return
-        extra: dict[str, object] = {"session_id": self.session_id}
-        if content is not None:
-            extra["openjd_log_content"] = content
+        extra = self._extras.get(content)
+        if extra is None:
+            extra = {"session_id": self.session_id}
+            if content is not None:
+                extra["openjd_log_content"] = content
+            self._extras[content] = extra
         record = LOG.makeRecord(LOG.name, level, "(openjd.sessions)", 0, msg, args, None, None, extra, None)
         if exc_info:
             import sys
