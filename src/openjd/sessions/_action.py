@@ -93,6 +93,10 @@ class ActionRunner:
 
         self._launcher = launcher
         self._script: Optional[Path] = None
+        self._starting_thread: Optional[threading.Thread] = None
+        self._timers: list[threading.Timer] = []
+        # A cancel that arrived before the process existed: (time_limit, mark_failed).
+        self._pending_cancel: Optional[tuple[Optional[timedelta], bool]] = None
         self._lock = threading.RLock()
         self._done = threading.Event()
         self._process: Optional[ActionProcess] = None
@@ -136,6 +140,11 @@ class ActionRunner:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the final state was reported; return False on timeout."""
         return self._done.wait(timeout)
+
+    def in_action_thread(self) -> bool:
+        """Tell whether the caller runs on this action's thread, for example in a callback."""
+        current = threading.current_thread()
+        return current is self._thread or current is self._starting_thread
 
     def notify_status(self) -> None:
         self._on_event(StatusChanged(self.status))
@@ -191,25 +200,40 @@ class ActionRunner:
             self._on_secret,
         )
         process_request = ProcessRequest(argv=argv, env=build_process_env(request.env), cwd=self._working_directory)
+        if self._pending_cancel is not None:
+            self._logger.info("The action was canceled before its process started.", content=LogContent.PROCESS_CONTROL)
+            self._cancel = _Cancel(mark_failed=self._pending_cancel[1])
+            self._finish(ActionState.FAILED if self._cancel.mark_failed else ActionState.CANCELED)
+            return
         try:
             process = ActionProcess(process_request, self._processes, handler.handle_lines)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             self._logger.info(
                 f"Process failed to start: {err}",
                 content=LogContent.EXCEPTION_INFO | LogContent.PROCESS_CONTROL,
             )
             self._fail_before_launch(_start_failure_reason(argv[0], err), log=False)
             return
-        self._process = process
+        with self._lock:
+            self._process = process
+            pending = self._pending_cancel
         handler.process = process
         if prepared.timeout is not None:
             self._timeout_deadline = time.monotonic() + prepared.timeout
         self._logger.info(f"Command started as pid: {process.pid}", content=LogContent.PROCESS_CONTROL)
         self._logger.info("Output:", content=LogContent.BANNER | LogContent.COMMAND_OUTPUT)
 
-        self.notify_status()
+        self._starting_thread = threading.current_thread()  # The RUNNING callback runs here.
+        try:
+            self.notify_status()
+        finally:
+            self._starting_thread = None
         self._thread = threading.Thread(target=self._run, name=f"openjd-action-{process.pid}", daemon=True)
         self._thread.start()
+        if prepared.timeout is not None:
+            self._start_deadline_timer(prepared.timeout)
+        if pending is not None:
+            self.cancel(time_limit=pending[0], mark_failed=pending[1])
 
     def _command_for_user(self, argv: list[str], request: ActionInput) -> list[str]:
         """Return ``argv`` itself, or the sudo command that runs it as the session's user."""
@@ -249,7 +273,11 @@ class ActionRunner:
         """Cancel with the action's method; return without waiting for the process."""
         with self._lock:
             process = self._process
-            if process is None or self._done.is_set():
+            if self._done.is_set():
+                return
+            if process is None:
+                # start() has not spawned the process yet; it applies the cancel itself.
+                self._pending_cancel = (time_limit, mark_failed)
                 return
             first = self._cancel is None
             if self._cancel is None:
@@ -289,6 +317,7 @@ class ActionRunner:
             )
         self._logger.info(f"Grace period ends at {utc_timestamp(end)}", content=LogContent.PROCESS_CONTROL)
         self._cancel.grace_deadline = time.monotonic() + grace
+        self._start_deadline_timer(grace)
         if process.exited:
             return
         self._logger.info(
@@ -376,6 +405,10 @@ class ActionRunner:
                         if self._cancel is not None:
                             with self._lock:
                                 process.kill_tree()
+                    if now >= exit_seen + _DRAIN_FIRST_WAIT and process.writers_gone():
+                        # Only a backlog is left (a slow log handler); reading it reaches EOF.
+                        process.pump(None)
+                        continue
                     if not warned and now >= exit_seen + _DRAIN_FIRST_WAIT:
                         warned = True
                         self._logger.warning(
@@ -400,18 +433,25 @@ class ActionRunner:
         self._end(process)
 
     def _check_deadlines(self, process: ActionProcess, now: float) -> None:
-        if self._timeout_deadline is not None and now >= self._timeout_deadline:
-            self._timeout_deadline = None
-            if not process.exited:
-                self._logger.info(
-                    "TIMEOUT - Runtime limit reached at %s. Canceling action.",
-                    utc_timestamp(datetime.now(timezone.utc)),
-                    content=LogContent.PROCESS_CONTROL,
-                )
-                self.cancel(timed_out=True, mark_failed=self._cancel.mark_failed if self._cancel else False)
-        cancel = self._cancel
-        if cancel is not None and cancel.grace_deadline is not None and now >= cancel.grace_deadline:
-            with self._lock:
+        """Apply the runtime limit and the end of a notify period once they have passed.
+
+        The action's thread calls this between reads, and a timer thread calls it too, so
+        that a callback that blocks the action's thread cannot hold off a deadline.
+        """
+        with self._lock:
+            if self._done.is_set():
+                return
+            if self._timeout_deadline is not None and now >= self._timeout_deadline:
+                self._timeout_deadline = None
+                if not process.exited:
+                    self._logger.info(
+                        "TIMEOUT - Runtime limit reached at %s. Canceling action.",
+                        utc_timestamp(datetime.now(timezone.utc)),
+                        content=LogContent.PROCESS_CONTROL,
+                    )
+                    self.cancel(timed_out=True, mark_failed=self._cancel.mark_failed if self._cancel else False)
+            cancel = self._cancel
+            if cancel is not None and cancel.grace_deadline is not None and now >= cancel.grace_deadline:
                 cancel.grace_deadline = None
                 if not process.exited:
                     self._logger.info(
@@ -420,6 +460,16 @@ class ActionRunner:
                         content=LogContent.PROCESS_CONTROL,
                     )
                     self._terminate(process)
+
+    def _start_deadline_timer(self, delay: float) -> None:
+        """Check the deadlines after ``delay`` seconds from a timer thread (see _check_deadlines)."""
+        process = self._process
+        if process is None:
+            return
+        timer = threading.Timer(delay, lambda: self._check_deadlines(process, time.monotonic()))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
 
     def _next_wait(
         self, process: ActionProcess, exit_seen: Optional[float], warned: bool, now: float
@@ -436,6 +486,8 @@ class ActionRunner:
         return max(0.0, min(deadlines) - now)
 
     def _end(self, process: ActionProcess) -> None:
+        for timer in self._timers:
+            timer.cancel()
         process.close()
         if self._script is not None:
             self._script.unlink(missing_ok=True)
@@ -488,7 +540,7 @@ def _join(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-def _start_failure_reason(command: str, err: OSError) -> str:
+def _start_failure_reason(command: str, err: Exception) -> str:
     if isinstance(err, FileNotFoundError) and err.filename in (None, command):
         return (
             f"Command not found: {command!r}. Check the command name, or give its absolute path "

@@ -142,6 +142,13 @@ class OutputHandler:
             return None
         if message.redacted and not self._redaction_enabled:
             return None
+        if "\0" in message.value:
+            reason = (
+                f"The value of environment variable {message.name} contains a NUL character, "
+                "which the OS cannot pass to a process."
+            )
+            self._runner.fail_with_cancel(reason)
+            return reason
         size = len(message.name.encode()) + 1 + len(message.value.encode("utf-8", "surrogateescape"))
         if _MAX_VARIABLE_BYTES is not None and size >= _MAX_VARIABLE_BYTES:
             reason = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -198,6 +199,17 @@ class ActionProcess:
             self._selector.unregister(self._stdout_fd)
         if lines:
             self._on_lines(lines)
+
+    def writers_gone(self) -> bool:
+        """Tell whether no process holds the output pipe open any more (Linux, via POLLHUP).
+
+        Data may still be buffered in the pipe then; reading it always reaches EOF.
+        """
+        if self.output_closed:
+            return True
+        poller = select.poll()
+        poller.register(self._stdout_fd, select.POLLIN)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
 
     def flush_partial_output(self) -> None:
         """Deliver a final line that has no newline yet; used when the action stops waiting."""

@@ -521,7 +521,8 @@ class Session:
         runner = self._runner
         if runner is not None and not runner.finished:
             runner.cancel(time_limit=timedelta(0))
-            if not runner.wait(_CLEANUP_CANCEL_WAIT):
+            # From a callback on the action's own thread, waiting would wait for ourselves.
+            if not runner.in_action_thread() and not runner.wait(_CLEANUP_CANCEL_WAIT):
                 self._logger.error(
                     f"The running action did not end within {_CLEANUP_CANCEL_WAIT:.0f} seconds of "
                     "being canceled; cleanup continues without it.",

@@ -1,0 +1,97 @@
+"""Regression tests for faults found by trying to break the library."""
+
+from __future__ import annotations
+
+import threading
+
+from openjd.model import create_job, decode_job_template
+
+from openjd.sessions import ActionState, Session, SessionState
+
+TIMEOUT = 30.0
+
+
+def _job(template: dict[str, object]):  # type: ignore[no-untyped-def]
+    return create_job(job_template=decode_job_template(template=template), job_parameter_values={})
+
+
+def test_nul_in_env_value_fails_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    job = _job(
+        {
+            "specificationVersion": "jobtemplate-2023-09",
+            "name": "J",
+            "jobEnvironments": [
+                {
+                    "name": "E",
+                    "script": {
+                        "actions": {
+                            "onEnter": {"command": "/usr/bin/printf", "args": ['openjd_env: "X=a\\\\u0000b"\\n']}
+                        }
+                    },
+                }
+            ],
+            "steps": [{"name": "S", "script": {"actions": {"onRun": {"command": "/bin/true"}}}}],
+        }
+    )
+    ended = threading.Event()
+    session = Session(
+        session_id="nul",
+        job_parameter_values={},
+        session_root_directory=tmp_path,
+        callback=lambda _, status: status.state != ActionState.RUNNING and ended.set(),
+    )
+    try:
+        session.enter_environment(environment=job.jobEnvironments[0])
+        assert ended.wait(TIMEOUT)
+
+        status = session.action_status
+        assert status is not None
+        assert status.state == ActionState.FAILED
+        assert "NUL" in (status.fail_message or "")
+        assert session.state == SessionState.READY_ENDING
+    finally:
+        session.cleanup()
+
+
+def test_cancel_before_spawn_is_applied(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    job = _job(
+        {
+            "specificationVersion": "jobtemplate-2023-09",
+            "name": "J",
+            "steps": [
+                {
+                    "name": "S",
+                    "script": {
+                        "actions": {"onRun": {"command": "/bin/sh", "args": ["{{Task.File.Run}}"]}},
+                        "embeddedFiles": [{"name": "Run", "type": "TEXT", "data": "sleep 30"}],
+                    },
+                }
+            ],
+        }
+    )
+    for attempt in range(10):
+        ended = threading.Event()
+        session = Session(
+            session_id=f"early{attempt}",
+            job_parameter_values={},
+            session_root_directory=tmp_path,
+            callback=lambda _, status, ended=ended: status.state != ActionState.RUNNING and ended.set(),
+        )
+
+        def cancel_when_running(session: Session = session) -> None:
+            while session.state != SessionState.RUNNING:
+                pass
+            session.cancel_action()
+
+        canceller = threading.Thread(target=cancel_when_running)
+        canceller.start()
+        try:
+            session.run_task(step_script=job.steps[0].script, task_parameter_values={})
+            canceller.join(TIMEOUT)
+            assert ended.wait(TIMEOUT)
+
+            status = session.action_status
+            assert status is not None
+            assert status.state == ActionState.CANCELED
+        finally:
+            session.cleanup()
