@@ -132,6 +132,11 @@ class Session:
             self._state = SessionState.ENDED
             self._processes.close()
             raise
+        self._logger.debug(
+            f"Process tracking: {self._processes.mechanism}"
+            + (f" ({self._processes.cgroup_path})" if self._processes.cgroup_path else ""),
+            content=LogContent.HOST_INFO | LogContent.PROCESS_CONTROL,
+        )
         self._session_env = {
             **self._os_env_vars,
             "OPENJD_SESSION_WORKING_DIR": str(self._working_directory),
@@ -455,7 +460,7 @@ class Session:
             return
         try:
             self._callback(self._session_id, status)
-        except Exception:
+        except BaseException:  # noqa: B036 - even SystemExit from a callback must not kill the action's thread
             self._logger.exception(
                 "The session callback raised an exception; the action continues.",
                 content=LogContent.EXCEPTION_INFO,
