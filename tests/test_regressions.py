@@ -95,3 +95,19 @@ def test_cancel_before_spawn_is_applied(tmp_path) -> None:  # type: ignore[no-un
             assert status.state == ActionState.CANCELED
         finally:
             session.cleanup()
+
+
+def test_secret_cut_between_pieces_masked() -> None:
+    from openjd.sessions._messages import Redactor
+
+    redactor = Redactor()
+    redactor.add("S3CR3T-VALUE")
+    first = "a" * 63990 + "S3CR3T-VAL"
+    second = "UE and more"
+
+    masked_first = redactor.redact_piece_edges(first, continues=True, continued=False)
+    masked_second = redactor.redact_piece_edges(second, continues=False, continued=True)
+
+    assert not masked_first.endswith("S3CR3T-VAL")
+    assert masked_first.endswith("********")
+    assert masked_second == "******** and more"

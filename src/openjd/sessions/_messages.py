@@ -374,6 +374,33 @@ class Redactor:
                 values, lines, re.compile(alternation), re.compile(f"(?=({alternation}))")
             )
 
+    def redact_piece_edges(self, text: str, *, continues: bool, continued: bool) -> str:
+        """Mask the edges of one piece of a line that was cut into pieces.
+
+        A secret can straddle the cut between two pieces, where neither piece contains it
+        whole. When ``continues`` (another piece follows), a suffix of ``text`` that is the
+        start of a secret is masked; when ``continued`` (a piece came before), a prefix that
+        is the end of a secret is masked. This can mask harmless text that happens to look
+        like part of a secret, which is the safe side.
+        """
+        values = self._secrets.values
+        cut_end = 0
+        cut_start = len(text)
+        for value in values:
+            for length in range(len(value) - 1, 0, -1):
+                if continues and text.endswith(value[:length]):
+                    cut_start = min(cut_start, len(text) - length)
+                    break
+            for length in range(len(value) - 1, 0, -1):
+                if continued and text.startswith(value[-length:]):
+                    cut_end = max(cut_end, length)
+                    break
+        if cut_end == 0 and cut_start == len(text):
+            return text
+        head = REDACTION_MASK if cut_end else ""
+        tail = REDACTION_MASK if cut_start < len(text) else ""
+        return head + text[cut_end:cut_start] + tail
+
     def redact(self, text: str) -> str:
         """Return ``text`` with every occurrence of a secret replaced by ``********``.
 

@@ -23,7 +23,7 @@ from ._messages import (
     parse_line,
     redaction_candidates,
 )
-from ._output import OversizedLine
+from ._output import DEFAULT_MAX_LINE, OversizedLine
 
 if TYPE_CHECKING:
     from ._action import ActionRunner
@@ -54,15 +54,27 @@ class OutputHandler:
         self._redaction_enabled = redaction_enabled
         self._on_secret = on_secret
         self.process: Optional[ActionProcess] = None
+        self._previous_was_piece = False  # The last line was a full piece of a longer line.
 
     def handle_lines(self, lines: list[str]) -> None:
         output = self._logger.output
         starts = MESSAGE_FIRST_CHARS
         for line in lines:
+            if self._redactor.active:
+                line = self._mask_cut_secrets(line)
             if line[:1] in starts:
                 self._handle_candidate(line)
             else:
                 output(line)
+
+    def _mask_cut_secrets(self, line: str) -> str:
+        """Mask secrets cut in two where a long line was split into ``DEFAULT_MAX_LINE`` pieces."""
+        continued = self._previous_was_piece
+        continues = len(line) == DEFAULT_MAX_LINE
+        self._previous_was_piece = continues
+        if not (continued or continues):
+            return line
+        return self._redactor.redact_piece_edges(line, continues=continues, continued=continued)
 
     def _handle_candidate(self, line: str) -> None:
         if "redacted_env" in line[:64].lower():
