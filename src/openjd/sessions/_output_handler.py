@@ -23,7 +23,7 @@ from ._messages import (
     parse_line,
     redaction_candidates,
 )
-from ._output import DEFAULT_MAX_LINE, OversizedLine
+from ._output import DEFAULT_MAX_ENV_LINE, DEFAULT_MAX_LINE, OversizedLine
 
 if TYPE_CHECKING:
     from ._action import ActionRunner
@@ -117,7 +117,7 @@ class OutputHandler:
         kind = "openjd_redacted_env" if line.startswith("openjd_redacted_env") else "openjd_env"
         reason = (
             f"The {kind} message is {line.total_length} characters long, more than the limit "
-            f"of {len(line)} characters for one output line; the variable was not set. Pass "
+            f"of {DEFAULT_MAX_ENV_LINE} characters for one message; the variable was not set. Pass "
             "large values in a file and set the variable to the file's path."
         )
         if self._is_environment:
