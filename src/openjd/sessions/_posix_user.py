@@ -3,9 +3,9 @@
 An action of a session with a ``PosixSessionUser`` that is not this process's user runs as
 ``sudo -n -u USER -i SCRIPT``. ``sudo -i`` gives the action the user's login environment and
 drops this process's variables, so the script exports the action's variables itself, then
-changes to the working directory and execs the command. Values stay out of command lines
-that other users can read with ``ps``; the script is readable by its owner and the shared
-group only, and is deleted when the action ends.
+changes to the working directory and execs the command. Values thus stay out of command
+lines that other users can read with ``ps``. The script is readable by its owner and the
+shared group only, and is deleted when the action ends.
 
 Helper programs are taken from fixed system directories, never from ``PATH``.
 """

@@ -36,7 +36,7 @@ _PIPE_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class ProcessRequest:
-    """What to start: an argument vector, its environment and working directory."""
+    """A process to start: argument vector, environment and working directory."""
 
     argv: Sequence[str]
     env: Mapping[bytes, bytes]
@@ -201,7 +201,7 @@ class ActionProcess:
             self._on_lines(lines)
 
     def writers_gone(self) -> bool:
-        """Tell whether no process holds the output pipe open any more (Linux, via POLLHUP).
+        """Tell whether every process has closed its end of the output pipe (Linux, via POLLHUP).
 
         Data may still be buffered in the pipe then; reading it always reaches EOF.
         """
