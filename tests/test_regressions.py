@@ -111,3 +111,42 @@ def test_secret_cut_between_pieces_masked() -> None:
     assert not masked_first.endswith("S3CR3T-VAL")
     assert masked_first.endswith("********")
     assert masked_second == "******** and more"
+
+
+def test_raising_log_handler_does_not_fail_action(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from openjd.model.v2023_09 import Action, ArgString, CommandString, StepActions, StepScript
+
+    from openjd.sessions import LOG
+
+    class RaisingHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "boom" in record.getMessage():
+                raise RuntimeError("handler failed")
+
+    handler = RaisingHandler()
+    LOG.addHandler(handler)
+    ended = threading.Event()
+    script = StepScript(
+        actions=StepActions(
+            onRun=Action(command=CommandString("/bin/sh"), args=[ArgString("-c"), ArgString("echo boom; echo after")])
+        )
+    )
+    session = Session(
+        session_id="raising",
+        job_parameter_values={},
+        session_root_directory=tmp_path,
+        callback=lambda _, status: status.state != ActionState.RUNNING and ended.set(),
+    )
+    try:
+        session.run_task(step_script=script, task_parameter_values={})
+        assert ended.wait(TIMEOUT)
+
+        status = session.action_status
+        assert status is not None
+        assert status.state == ActionState.SUCCESS
+        assert "handler failed" in capsys.readouterr().err
+    finally:
+        LOG.removeHandler(handler)
+        session.cleanup()

@@ -150,7 +150,10 @@ class SessionLogger:
             None,
         )
         setattr(record, _REDACTED_MARK, True)
-        LOG.handle(record)
+        try:
+            LOG.handle(record)
+        except Exception:
+            _report_handler_error(record)
 
     def _handle(self, record: logging.LogRecord) -> None:
         if self.redact is not None:
@@ -161,7 +164,10 @@ class SessionLogger:
             record.msg = self.redact(text)
             record.args = ()
         setattr(record, _REDACTED_MARK, True)
-        LOG.handle(record)
+        try:
+            LOG.handle(record)
+        except Exception:
+            _report_handler_error(record)
 
     def debug(self, msg: str, *args: object, content: Optional[LogContent] = None) -> None:
         self.log(logging.DEBUG, msg, *args, content=content)
@@ -191,3 +197,13 @@ class SessionLogger:
         self.info(_SUBSECTION_LINE, content=LogContent.BANNER)
         self.info(title, content=LogContent.BANNER)
         self.info(_SUBSECTION_LINE, content=LogContent.BANNER)
+
+
+def _report_handler_error(record: logging.LogRecord) -> None:
+    """Report a handler that raised instead of letting it fail the session's action.
+
+    Handlers are expected to catch their own errors (``Handler.handleError``); one that
+    does not would otherwise end the action's output thread. The standard library's
+    ``handleError`` prints the traceback to stderr when ``logging.raiseExceptions`` is set.
+    """
+    logging.Handler().handleError(record)
