@@ -150,3 +150,31 @@ def test_raising_log_handler_does_not_fail_action(tmp_path, capsys) -> None:  # 
     finally:
         LOG.removeHandler(handler)
         session.cleanup()
+
+
+def test_oversized_environment_named_in_fail_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from openjd.model.v2023_09 import Action, CommandString, StepActions, StepScript
+
+    ended = threading.Event()
+    # 40 variables of 100,000 bytes pass the per-variable limit but not the total one.
+    variables = {f"BIG_{index}": "x" * 100_000 for index in range(40)}
+    session = Session(
+        session_id="big",
+        job_parameter_values={},
+        session_root_directory=tmp_path,
+        os_env_vars=variables,
+        callback=lambda _, status: status.state != ActionState.RUNNING and ended.set(),
+    )
+    try:
+        session.run_task(
+            step_script=StepScript(actions=StepActions(onRun=Action(command=CommandString("/bin/true")))),
+            task_parameter_values={},
+        )
+        assert ended.wait(TIMEOUT)
+
+        status = session.action_status
+        assert status is not None
+        assert status.state == ActionState.FAILED
+        assert "E2BIG" in (status.fail_message or "")
+    finally:
+        session.cleanup()

@@ -10,6 +10,7 @@ through one callback that receives ``RunnerEvent`` values.
 
 from __future__ import annotations
 
+import errno
 import logging
 import subprocess
 import threading
@@ -545,6 +546,12 @@ def _start_failure_reason(command: str, err: Exception) -> str:
         return (
             f"Command not found: {command!r}. Check the command name, or give its absolute path "
             "or add its directory to PATH."
+        )
+    if isinstance(err, OSError) and err.errno == errno.E2BIG:
+        return (
+            "The command's arguments and environment variables together are larger than the OS "
+            "accepts for a new process (E2BIG). Check the variables that environments set with "
+            "openjd_env and pass large values in files instead."
         )
     if isinstance(err, PermissionError):
         return f"Command {command!r} could not be run: {err.strerror}. Check that the file is executable."
