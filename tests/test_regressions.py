@@ -178,3 +178,9 @@ def test_oversized_environment_named_in_fail_message(tmp_path) -> None:  # type:
         assert "E2BIG" in (status.fail_message or "")
     finally:
         session.cleanup()
+
+
+def test_runner_text_escapes_terminal_controls() -> None:
+    from openjd.sessions._runner.output import _escape_controls
+
+    assert _escape_controls("red \x1b[31mtext\x07\tend\nnext") == "red \\x1b[31mtext\\x07\tend\nnext"

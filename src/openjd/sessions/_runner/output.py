@@ -209,7 +209,7 @@ class TextWriter(OutputWriter):
 
     def format_event(self, event: Event) -> list[str]:
         if isinstance(event, LogEvent):
-            return [self._prefix_log(event) + event.message]
+            return [self._prefix_log(event) + _escape_controls(event.message)]
         if isinstance(event, StepEvent):
             if event.result is None:
                 return [f"Step {event.step!r} started: {_plural(event.task_count, 'task')}."]
@@ -431,3 +431,13 @@ def make_writer(
     if mode == "json":
         return JsonLinesWriter(stdout, stderr, progress)
     return TextWriter(stdout, stderr, progress, show_worker=show_worker)
+
+
+# C0 control characters other than tab and newline, and DEL: job output must not move the cursor,
+# ring the bell or change the terminal's state through the runner's text output.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
+def _escape_controls(text: str) -> str:
+    """Show control characters of job output as ``\\xNN`` instead of sending them to the terminal."""
+    return text.translate(_CONTROL_ESCAPES)
