@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shlex
 import subprocess
 import threading
 import time
@@ -27,7 +28,7 @@ from ._messages import Redactor
 from ._output_handler import OutputHandler
 from ._posix_user import ActionLauncher, SudoRefusedError, kill_as_user, launch_argv, write_launch_script
 from ._prepare import ActionInput, PrelaunchError, prepare_action
-from ._process import ActionProcess, ProcessRequest, build_process_env
+from ._process import NOTIFY_SIGNAL, ActionProcess, ProcessRequest, build_process_env
 from ._proctree import KillPermissionError, SessionProcesses
 from ._session_user import SessionUser
 from ._types import ActionState, ActionStatus
@@ -325,7 +326,7 @@ class ActionRunner:
             f'INTERRUPT: Sending signal "term" to process {process.pid}', content=LogContent.PROCESS_CONTROL
         )
         try:
-            process.send_signal(_notify_signal())
+            process.send_signal(NOTIFY_SIGNAL)
         except OSError as err:
             self._logger.warning(
                 f"INTERRUPT: Unable to send term to {process.pid}: {err}", content=LogContent.PROCESS_CONTROL
@@ -529,15 +530,7 @@ class ActionRunner:
         self.cancel(mark_failed=True)
 
 
-def _notify_signal() -> int:
-    import signal
-
-    return int(signal.SIGTERM)
-
-
 def _join(argv: Sequence[str]) -> str:
-    import shlex
-
     return shlex.join(argv)
 
 

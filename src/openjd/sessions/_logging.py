@@ -24,7 +24,7 @@ _REDACTED_MARK = "_openjd_redacted"
 
 
 class LogContent(Flag):
-    """What a log record contains, so that consumers can filter sensitive records."""
+    """Kind of content in a log record, so that consumers can filter sensitive records."""
 
     BANNER = auto()
     """A decorative separator or section title."""

@@ -20,11 +20,9 @@ from ._embedded_files import materialize_embedded_files
 from ._env_vars import EnvOverrides
 from ._logging import SessionLogger
 from ._session_user import SessionUser
+from ._symbols import PATH_MAPPING_FILE_SYMBOL, uses_path_mapping_file
 
 __all__ = ("ActionInput", "PrelaunchError", "PreparedAction", "prepare_action")
-
-PATH_MAPPING_FILE_SYMBOL = "Session.PathMappingRulesFile"
-
 
 @dataclass
 class ActionInput:
@@ -117,7 +115,7 @@ def _add_path_mapping_file(request: ActionInput, action: Action) -> SymbolTable:
     """
     texts = [str(action.command), *(str(arg) for arg in action.args or ())]
     texts.extend(str(file.data) for file in request.embedded_files)
-    if request.write_path_mapping_file is None or not any(PATH_MAPPING_FILE_SYMBOL in t for t in texts):
+    if request.write_path_mapping_file is None or not uses_path_mapping_file(texts):
         return request.symtab
     try:
         path = request.write_path_mapping_file()

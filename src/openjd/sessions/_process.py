@@ -32,6 +32,7 @@ __all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_en
 _READ_SIZE = 1 << 16
 _F_SETPIPE_SZ = 1031  # Linux fcntl command; a larger pipe means fewer wake-ups per MiB.
 _PIPE_SIZE = 1 << 20
+NOTIFY_SIGNAL = signal.SIGTERM  # The notify step of NOTIFY_THEN_TERMINATE on POSIX.
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ def _start(request: ProcessRequest, prefix: list[str]) -> subprocess.Popen[bytes
             raise PermissionError(errno.EACCES, "The file is not executable", argv[0])
     else:
         # Resolve here so that a missing command is an OSError with a clear message in
-        # both spawn paths; the shell of a prefix would only print "not found".
+        # both spawn paths. The shell of a prefix would only print "not found".
         search_path = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath)))
         found = shutil.which(argv[0], path=search_path)
         if found is None:
@@ -299,5 +300,3 @@ def _popen(argv: list[str], request: ProcessRequest) -> subprocess.Popen[bytes]:
         start_new_session=True,
     )
 
-
-NOTIFY_SIGNAL = signal.SIGTERM
