@@ -28,9 +28,10 @@ from ._messages import Redactor
 from ._output_handler import OutputHandler
 from ._posix_user import ActionLauncher, SudoRefusedError, kill_as_user, launch_argv, write_launch_script
 from ._prepare import ActionInput, PrelaunchError, prepare_action
-from ._process import NOTIFY_SIGNAL, ActionProcess, ProcessRequest, build_process_env
+from ._process import NOTIFY_SIGNAL, ActionProcess, ProcessRequest, build_process_env, prepare_standby
 from ._proctree import KillPermissionError, SessionProcesses
 from ._session_user import SessionUser
+from ._threads import start_thread
 from ._types import ActionState, ActionStatus
 
 __all__ = ("ActionRunner", "EnvChanged", "RunnerEvent", "StatusChanged")
@@ -102,6 +103,7 @@ class ActionRunner:
         self._lock = threading.RLock()
         self._done = threading.Event()
         self._process: Optional[ActionProcess] = None
+        self._standby_request: Optional[ProcessRequest] = None
         self._thread: Optional[threading.Thread] = None
         self._cancel: Optional[_Cancel] = None
         self._notify_period = 0.0
@@ -219,6 +221,8 @@ class ActionRunner:
         with self._lock:
             self._process = process
             pending = self._pending_cancel
+        if self._launcher.sudo_user is None:
+            self._standby_request = process_request
         handler.process = process
         if prepared.timeout is not None:
             self._timeout_deadline = time.monotonic() + prepared.timeout
@@ -230,8 +234,7 @@ class ActionRunner:
             self.notify_status()
         finally:
             self._starting_thread = None
-        self._thread = threading.Thread(target=self._run, name=f"openjd-action-{process.pid}", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, f"openjd-action-{process.pid}")
         if prepared.timeout is not None:
             self._start_deadline_timer(prepared.timeout)
         if pending is not None:
@@ -432,6 +435,9 @@ class ActionRunner:
             )
             with self._lock:
                 process.kill_tree()
+        if self._standby_request is not None and self._cancel is None:
+            # Before the final callback, which may start the session's next action at once.
+            prepare_standby(self._standby_request, self._processes)
         self._end(process)
 
     def _check_deadlines(self, process: ActionProcess, now: float) -> None:

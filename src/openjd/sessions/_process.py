@@ -10,38 +10,23 @@ pidfd; elsewhere a small thread blocks in ``wait4`` and writes to the wake-up pi
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import selectors
-import shutil
 import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
+from ._launch import ProcessRequest, prepare_standby, start_process
 from ._output import LineSplitter
-from ._proctree import CGROUP, ActionProcesses, SessionProcesses
+from ._proctree import CGROUP, SessionProcesses
 
-__all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_env")
+__all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_env", "prepare_standby")
 
 _READ_SIZE = 1 << 16
-_F_SETPIPE_SZ = 1031  # Linux fcntl command; a larger pipe means fewer wake-ups per MiB.
-_PIPE_SIZE = 1 << 20
 NOTIFY_SIGNAL = signal.SIGTERM  # The notify step of NOTIFY_THEN_TERMINATE on POSIX.
-
-
-@dataclass(frozen=True)
-class ProcessRequest:
-    """A process to start: argument vector, environment and working directory."""
-
-    argv: Sequence[str]
-    env: Mapping[bytes, bytes]
-    cwd: Path
 
 
 @dataclass(frozen=True)
@@ -93,19 +78,13 @@ class ActionProcess:
         self.usage: Optional[ResourceUsage] = None
         self.output_closed = False
 
-        self._popen = _start(request, tracker.spawn_prefix())
+        self._popen, self.processes = start_process(request, tracker)
         self.pid = self._popen.pid
-        self.processes: ActionProcesses = tracker.track(self.pid)
 
         assert self._popen.stdout is not None
         self._stdout = self._popen.stdout
         self._stdout_fd = self._stdout.fileno()
         os.set_blocking(self._stdout_fd, False)
-        if sys.platform.startswith("linux"):
-            try:
-                fcntl.fcntl(self._stdout_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass  # Above /proc/sys/fs/pipe-max-size: the default size still works.
 
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -260,43 +239,3 @@ class ActionProcess:
                     pass
         self._stdout.close()
         self.processes.release()
-
-
-def _start(request: ProcessRequest, prefix: list[str]) -> subprocess.Popen[bytes]:
-    argv = list(request.argv)
-    if "/" in argv[0]:
-        command = os.path.join(request.cwd, argv[0])
-        if not os.path.isfile(command):
-            raise FileNotFoundError(errno.ENOENT, "No such file", argv[0])
-        if not os.access(command, os.X_OK):
-            raise PermissionError(errno.EACCES, "The file is not executable", argv[0])
-    else:
-        # Resolve here so that a missing command is an OSError with a clear message in
-        # both spawn paths. The shell of a prefix would only print "not found".
-        search_path = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath)))
-        found = shutil.which(argv[0], path=search_path)
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory in PATH", argv[0])
-        argv[0] = found
-    if prefix:
-        return _popen([*prefix, *argv], request)
-    try:
-        return _popen(argv, request)
-    except OSError as err:
-        if err.errno != errno.ENOEXEC:
-            raise
-    # A runnable file without a "#!" line: run it with the shell, as execvp(3) and sh do.
-    return _popen(["/bin/sh", *argv], request)
-
-
-def _popen(argv: list[str], request: ProcessRequest) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=str(request.cwd),
-        env=dict(request.env),
-        start_new_session=True,
-    )
-

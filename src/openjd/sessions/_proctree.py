@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from ._proctree_cgroup import (
     VANISHED_ERRNOS,
@@ -72,6 +72,7 @@ __all__ = (
     "ActionProcesses",
     "KillPermissionError",
     "SessionProcesses",
+    "Standby",
 )
 
 TRACKING_ENV_VAR = "OPENJD_SESSIONS_PROCESS_TRACKING"
@@ -95,6 +96,13 @@ class KillPermissionError(PermissionError):
         )
         self.denied = denied
         self.signalled = signalled
+
+
+class Standby(Protocol):
+    """A process that was started ahead of an action and can be ended unused."""
+
+    def discard(self) -> None:
+        """End the process and hand its cgroup back; must not raise."""
 
 
 class ActionProcesses:
@@ -366,6 +374,7 @@ class SessionProcesses:
         self._next_joins_itself = False  # spawn_prefix() was used for the next child.
         self._spare: list[str] = []  # Empty action cgroups that earlier actions released.
         self._next_recycled = False
+        self._standby: Optional[Standby] = None
         self._cgroup_count = 0
         self._closed = False
         self.cgroup_path: Optional[str] = None
@@ -418,17 +427,76 @@ class SessionProcesses:
         leaves no window in which a descendant can escape. Returns an empty list for the
         ``process-group`` mechanism; pass the child's pid to ``track()`` either way.
         """
+        procs_file = self.next_procs_file()
+        if procs_file is None:
+            return []
+        return [_SHELL, "-c", 'echo 0 > "$1" && shift && exec "$@"', "openjd-sessions", procs_file]
+
+    def next_procs_file(self) -> Optional[str]:
+        """Return the ``cgroup.procs`` file that the next child writes its own pid to.
+
+        The next ``track()`` then expects the child to have joined by itself. Returns None
+        for the ``process-group`` mechanism, or when the cgroup could not be created.
+        """
         with self._lock:
             if self.cgroup_path is None or self._closed:
-                return []
+                return None
             if self._next_cgroup is None:
                 self._next_recycled = bool(self._spare)
                 self._next_cgroup = self._spare.pop() if self._spare else self._new_action_cgroup()
                 if self._next_cgroup is None:
-                    return []  # track() tries again and reports the error.
+                    return None  # track() tries again and reports the error.
             self._next_joins_itself = True
-            procs_file = os.path.join(self._next_cgroup, "cgroup.procs")
-        return [_SHELL, "-c", 'echo 0 > "$1" && shift && exec "$@"', "openjd-sessions", procs_file]
+            return os.path.join(self._next_cgroup, "cgroup.procs")
+
+    def reserve_cgroup(self) -> Optional[tuple[str, bool]]:
+        """Set aside an empty action cgroup for a process started ahead of its action.
+
+        Returns the cgroup and whether an earlier action used it, or None without cgroups.
+        Give it to ``track_joined()`` once the action starts, or back to ``return_cgroup()``.
+        """
+        with self._lock:
+            if self.cgroup_path is None or self._closed:
+                return None
+            if self._spare:
+                return self._spare.pop(), True
+            cgroup = self._new_action_cgroup()
+        return None if cgroup is None else (cgroup, False)
+
+    def return_cgroup(self, cgroup: str) -> None:
+        """Take back a cgroup from ``reserve_cgroup()`` whose process was never used and is gone."""
+        self._recycle_cgroup(cgroup)
+
+    def track_joined(self, pid: int, cgroup: str, recycled: bool) -> ActionProcesses:
+        """Start tracking an action whose main process ``pid`` joined ``cgroup`` by itself.
+
+        Raises:
+            RuntimeError: ``close()`` was called.
+        """
+        with self._lock:
+            return self._add_action(pid, cgroup, True, True, recycled)
+
+    def put_standby(self, standby: Standby) -> bool:
+        """Keep ``standby`` (a process started ahead of the next action) until it is taken.
+
+        Returns False, keeping nothing, when one is already kept or ``close()`` was called.
+        """
+        with self._lock:
+            if self._standby is not None or self._closed:
+                return False
+            self._standby = standby
+            return True
+
+    def take_standby(self) -> Optional[Standby]:
+        """Return the kept standby and forget it, or None."""
+        with self._lock:
+            standby, self._standby = self._standby, None
+        return standby
+
+    def _discard_standby(self) -> None:
+        standby = self.take_standby()
+        if standby is not None:
+            standby.discard()
 
     def track(self, pid: int) -> ActionProcesses:
         """Start tracking the action whose main process is ``pid``; call right after spawn.
@@ -437,10 +505,6 @@ class SessionProcesses:
             RuntimeError: ``close()`` was called.
         """
         with self._lock:
-            if self._closed:
-                raise RuntimeError(f"Cannot track pid {pid}: the session's processes are closed.")
-            self._action_count += 1
-            number = self._action_count
             prepared = self._next_cgroup is not None
             cgroup = self._next_cgroup
             joins_itself = self._next_joins_itself
@@ -451,11 +515,20 @@ class SessionProcesses:
             if cgroup is None and self.cgroup_path is not None:
                 self._cgroup_count += 1
                 cgroup = os.path.join(self.cgroup_path, f"action-{self._cgroup_count}")
-            forget = functools.partial(self._forget, number)
-            action = ActionProcesses(
-                pid, cgroup, prepared, self._use_kill_file, forget, joins_itself, self._recycle_cgroup, recycled
-            )
-            self._actions[number] = action
+            return self._add_action(pid, cgroup, prepared, joins_itself, recycled)
+
+    def _add_action(
+        self, pid: int, cgroup: Optional[str], prepared: bool, joins_itself: bool, recycled: bool
+    ) -> ActionProcesses:
+        """Create and register the ``ActionProcesses`` of a new action; call with the lock held."""
+        if self._closed:
+            raise RuntimeError(f"Cannot track pid {pid}: the session's processes are closed.")
+        self._action_count += 1
+        forget = functools.partial(self._forget, self._action_count)
+        action = ActionProcesses(
+            pid, cgroup, prepared, self._use_kill_file, forget, joins_itself, self._recycle_cgroup, recycled
+        )
+        self._actions[self._action_count] = action
         return action
 
     def _new_action_cgroup(self) -> Optional[str]:
@@ -484,11 +557,13 @@ class SessionProcesses:
         """SIGKILL every remaining process of every action; return the pids signalled.
 
         Does not wait for the processes to exit; ``close()`` waits before removing cgroups.
+        A standby process is ended first; it belongs to no action.
 
         Raises:
             KillPermissionError: some processes belong to another user; all others were
                 signalled.
         """
+        self._discard_standby()
         with self._lock:
             actions = list(self._actions.values())
         signalled: list[int] = []
@@ -519,9 +594,12 @@ class SessionProcesses:
             if self._closed:
                 return
             self._closed = True
+            standby, self._standby = self._standby, None
             actions = list(self._actions.values())
             unused = [*self._spare, self._next_cgroup]
             self._spare = []
+        if standby is not None:
+            standby.discard()  # Hands its cgroup back, which removes it now that the session is closed.
         for cgroup in unused:
             if cgroup is not None:
                 remove_cgroup_dir(cgroup)

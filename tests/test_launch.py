@@ -1,0 +1,170 @@
+"""How actions start: the exact environment on every way in, and the standby shell's life."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from helpers import CallbackRecorder, SessionFactory, python_step, step_script, wait_until
+from test_proctree import needs_cgroup
+
+from openjd.sessions import ActionState, Session
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="runs POSIX processes")
+
+TRACKING = "OPENJD_SESSIONS_PROCESS_TRACKING"
+WRITE_ENV = "import json, os; json.dump({k.hex(): v.hex() for k, v in os.environb.items()}, open('env.json', 'w'))"
+ODD_VALUE = "it's\na 'value' with $HOME and `x`"
+
+# Host variables that a shell between the library and the command would drop or change.
+ODD_ENVIRONMENTS = {
+    "function-names": {"BASH_FUNC_module%%": "() {  eval x\n}", "A-B": "1", "X.Y": "2"},
+    "optind": {"OPTIND": "abc"},
+    "shell-set": {"PWD": "/nonexistent/pwd", "PPID": ODD_VALUE, "IFS": ODD_VALUE, "OLDPWD": "/o"},
+    "no-pwd": {"PWD": None},
+    "plain": {},
+}
+
+
+@pytest.fixture
+def make_session(tmp_path: Path) -> Iterator[SessionFactory]:
+    factory = SessionFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+def run_and_read_env(session: Session, recorder: CallbackRecorder) -> dict[bytes, bytes]:
+    recorder.clear()
+    session.run_task(step_script=python_step(WRITE_ENV), task_parameter_values={})
+    status = recorder.wait_final()
+    assert status.state == ActionState.SUCCESS, status
+    written = json.loads((session.working_directory / "env.json").read_text())
+    return {bytes.fromhex(k): bytes.fromhex(v) for k, v in written.items()}
+
+
+def host_environment(session: Session) -> dict[bytes, bytes]:
+    """Return what every action of ``session`` gets: this process's environment and one variable."""
+    return {**os.environb, b"OPENJD_SESSION_WORKING_DIR": bytes(session.working_directory)}
+
+
+def set_host_env(monkeypatch: pytest.MonkeyPatch, values: dict[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def session_after_one_action(
+    make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Session, CallbackRecorder]:
+    """Return a cgroup session that ran one action, so that a standby shell waits."""
+    monkeypatch.setenv(TRACKING, "cgroup")
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder)
+    run_and_read_env(session, recorder)
+    return session, recorder
+
+
+def session_children() -> set[int]:
+    """Return the pids of this test process's children."""
+    me = str(os.getpid())
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as file:
+                    fields = file.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                children.add(int(entry))
+    return children
+
+
+def standby_shells() -> list[int]:
+    shells = []
+    for pid in session_children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                cmdline = file.read()
+        except OSError:
+            continue
+        if b". /dev/stdin" in cmdline:
+            shells.append(pid)
+    return shells
+
+
+@pytest.mark.parametrize("tracking", ["cgroup", "process-group"])
+@pytest.mark.parametrize("case", sorted(ODD_ENVIRONMENTS))
+def test_command_sees_exact_environment(
+    make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch, tracking: str, case: str
+) -> None:
+    if tracking == "cgroup" and needs_cgroup.args[0]:
+        pytest.skip("needs a writable cgroup v2 (run as root)")
+    monkeypatch.setenv(TRACKING, tracking)
+    set_host_env(monkeypatch, ODD_ENVIRONMENTS[case])
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder, os_env_vars={"SESSION_VAR": ODD_VALUE})
+    expected = {**host_environment(session), b"SESSION_VAR": ODD_VALUE.encode()}
+
+    # The first action starts cold; the next ones may use a standby shell.
+    for _ in range(3):
+        assert run_and_read_env(session, recorder) == expected
+
+
+@needs_cgroup
+def test_changed_environment_between_actions(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRACKING, "cgroup")
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder)
+    first = run_and_read_env(session, recorder)
+    monkeypatch.setenv("ADDED_LATER", "yes")
+    monkeypatch.setenv("PWD", "/changed")
+
+    second = run_and_read_env(session, recorder)
+
+    assert b"ADDED_LATER" not in first
+    assert second == host_environment(session)
+
+
+@needs_cgroup
+def test_standby_shell_ends_with_session(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = session_children()
+    session, _ = session_after_one_action(make_session, monkeypatch)
+    assert standby_shells(), "a standby shell waits for the next action"
+
+    session.cleanup()
+
+    assert wait_until(lambda: session_children() <= before, 10), session_children() - before
+
+
+@needs_cgroup
+def test_killed_standby_shell_falls_back(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    session, recorder = session_after_one_action(make_session, monkeypatch)
+    shells = standby_shells()
+    assert len(shells) == 1
+    os.kill(shells[0], signal.SIGKILL)
+    assert wait_until(lambda: not os.path.exists(f"/proc/{shells[0]}/cmdline") or not standby_shells(), 10)
+
+    assert run_and_read_env(session, recorder) == host_environment(session)
+
+
+@needs_cgroup
+def test_script_without_shebang_runs_on_standby(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    session, recorder = session_after_one_action(make_session, monkeypatch)
+    script = session.working_directory / "no-shebang"
+    script.write_text("echo from-script > out.txt\n")
+    script.chmod(0o755)
+    recorder.clear()
+
+    session.run_task(
+        step_script=step_script({"actions": {"onRun": {"command": "./no-shebang"}}}), task_parameter_values={}
+    )
+    assert recorder.wait_final().state == ActionState.SUCCESS
+    assert (session.working_directory / "out.txt").read_text() == "from-script\n"
