@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import threading
 
@@ -347,6 +348,53 @@ def test_redactor_middle_lines_only_whole() -> None:
     assert redactor.redact("a") == "********"
     assert redactor.redact("a cat") == "a cat"
     assert redactor.redact("the first one") == "the ******** one"
+
+
+def mask_by_characters(values: list[str], whole_lines: set[str], text: str) -> str:
+    """Mask ``text`` the slow way: mark every covered character, then mask each run."""
+    covered = [False] * len(text)
+    for value in values:
+        for start in range(len(text) - len(value) + 1):
+            if text.startswith(value, start):
+                covered[start : start + len(value)] = [True] * len(value)
+    start = 0
+    for line in text.split("\n"):
+        if line in whole_lines:
+            covered[start : start + len(line)] = [True] * len(line)
+        start += len(line) + 1
+    pieces = []
+    for index, character in enumerate(text):
+        if not covered[index]:
+            pieces.append(character)
+        elif index == 0 or not covered[index - 1]:
+            pieces.append("********")
+    return "".join(pieces)
+
+
+def test_redactor_matches_character_mask() -> None:
+    generator = random.Random(20240611)
+    for _ in range(300):
+        redactor = Redactor()
+        values: list[str] = []
+        whole_lines: set[str] = set()
+        for _ in range(generator.randint(1, 6)):
+            secret = "".join(generator.choice("abc\n") for _ in range(generator.randint(1, 5)))
+            redactor.add(secret)
+            pieces = secret.split("\n")
+            values.extend(piece for piece in {secret, pieces[0], pieces[-1]} if piece)
+            if len(pieces) > 2:
+                whole_lines.update(piece for piece in pieces[1:-1] if piece)
+        text = "".join(generator.choice("abcd\n") for _ in range(generator.randint(0, 40)))
+
+        assert redactor.redact(text) == mask_by_characters(values, whole_lines, text), (values, text)
+
+
+def test_redactor_repeated_value_each_masked() -> None:
+    redactor = Redactor()
+    redactor.add("s3")
+
+    assert redactor.redact("s3 x s3 y s3s3") == "******** x ******** y ********"
+    assert redactor.redact("ss33") == "s********3"
 
 
 def test_redactor_concurrent_add_and_redact() -> None:

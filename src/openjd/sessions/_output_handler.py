@@ -59,11 +59,15 @@ class OutputHandler:
     def handle_lines(self, lines: list[str]) -> None:
         output = self._logger.output
         starts = MESSAGE_FIRST_CHARS
+        redactor = self._redactor
+        # Secrets are registered only by _handle_candidate, so the flag changes only there.
+        redacting = redactor.active
         for line in lines:
-            if self._redactor.active:
+            if redacting and (self._previous_was_piece or len(line) == DEFAULT_MAX_LINE):
                 line = self._mask_cut_secrets(line)
             if line[:1] in starts:
                 self._handle_candidate(line)
+                redacting = redactor.active
             else:
                 output(line)
 
@@ -72,12 +76,16 @@ class OutputHandler:
         continued = self._previous_was_piece
         continues = len(line) == DEFAULT_MAX_LINE
         self._previous_was_piece = continues
-        if not (continued or continues):
-            return line
         return self._redactor.redact_piece_edges(line, continues=continues, continued=continued)
 
     def _handle_candidate(self, line: str) -> None:
-        if "redacted_env" in line[:64].lower():
+        # Every line that redaction_candidates() accepts starts with "openjd_redacted_env" in
+        # any case, after any amount of whitespace, so this cheap test lets all of them through.
+        if line.startswith("openjd_"):
+            may_hold_secret = line[7:8] in "rR"
+        else:
+            may_hold_secret = line.lstrip()[:19].lower() == "openjd_redacted_env"
+        if may_hold_secret:
             self._register_secrets(line)
         if isinstance(line, OversizedLine):
             self._handle_oversized(line)
