@@ -193,8 +193,6 @@ class ActionRunner:
             self._fail_before_launch(str(err))
             return
 
-        self._logger.subsection_banner("Phase: Running action")
-        self._logger.info("Running command %s", _join(argv), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
         handler = OutputHandler(
             self,
             self._logger,
@@ -205,19 +203,24 @@ class ActionRunner:
         )
         process_request = ProcessRequest(argv=argv, env=build_process_env(request.env), cwd=self._working_directory)
         if self._pending_cancel is not None:
+            self._log_running(argv)
             self._logger.info("The action was canceled before its process started.", content=LogContent.PROCESS_CONTROL)
             self._cancel = _Cancel(mark_failed=self._pending_cancel[1])
             self._finish(ActionState.FAILED if self._cancel.mark_failed else ActionState.CANCELED)
             return
+        # The process starts before its records are logged, which is safe because its output
+        # is read only on the action's thread, started below.
         try:
             process = ActionProcess(process_request, self._processes, handler.handle_lines)
         except (OSError, ValueError) as err:
+            self._log_running(argv)
             self._logger.info(
                 f"Process failed to start: {err}",
                 content=LogContent.EXCEPTION_INFO | LogContent.PROCESS_CONTROL,
             )
             self._fail_before_launch(_start_failure_reason(argv[0], err), log=False)
             return
+        self._log_running(argv)
         with self._lock:
             self._process = process
             pending = self._pending_cancel
@@ -239,6 +242,10 @@ class ActionRunner:
             self._start_deadline_timer(prepared.timeout)
         if pending is not None:
             self.cancel(time_limit=pending[0], mark_failed=pending[1])
+
+    def _log_running(self, argv: list[str]) -> None:
+        self._logger.subsection_banner("Phase: Running action")
+        self._logger.info("Running command %s", _join(argv), content=LogContent.FILE_PATH | LogContent.PROCESS_CONTROL)
 
     def _command_for_user(self, argv: list[str], request: ActionInput) -> list[str]:
         """Return ``argv`` itself, or the sudo command that runs it as the session's user."""
@@ -290,6 +297,7 @@ class ActionRunner:
             self._cancel.mark_failed = mark_failed
             now = datetime.now(timezone.utc)
             if self._terminate_only or (time_limit is not None and time_limit <= timedelta(0)):
+                process.kill_group_early()
                 if first or self._terminate_only:
                     method = "termination" if self._terminate_only else "notify then terminate"
                     self._logger.info(

@@ -218,6 +218,15 @@ class ActionProcess:
         self._kill_group()
         return self.processes.kill()
 
+    def kill_group_early(self) -> None:
+        """SIGKILL the process group now if ``kill_tree()`` does that first anyway (cgroup mechanism).
+
+        Callers log and then call ``kill_tree()``, and the process dies meanwhile. Under the
+        ``process-group`` mechanism the scan has to come before any kill, so this does nothing.
+        """
+        if self.processes.mechanism == CGROUP:
+            self._kill_group()
+
     def _kill_group(self) -> None:
         with self._lock:
             if self.returncode is None:
