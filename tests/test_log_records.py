@@ -357,3 +357,21 @@ def test_deeply_indented_secret_never_logged(tmp_path: Path) -> None:
     messages = logs.messages(session_id_of(session))
     assert any("openjd_redacted_env: DEEP=********" in message for message in messages)
     assert not any("d33p-s3cr3t" in message for message in logs.messages())
+
+
+@pytest.mark.parametrize("args", [(), ("one",), ({"key": "value"},)])
+def test_template_session_record_matches(args: tuple[Any, ...]) -> None:
+    logger = SessionLogger("session-records")
+    message = "Running %(key)s" if args and isinstance(args[0], dict) else "Running %s" if args else "Phase: Setup"
+    with captured_records():
+        logger.info("warm-up", content=LogContent.BANNER)
+    assert logger._templates[(logging.INFO, LogContent.BANNER)] is not None
+
+    with captured_records() as records:
+        logger.info(message, *args, content=LogContent.BANNER)
+        with record_factory(pass_through_factory):
+            logger.info(message, *args, content=LogContent.BANNER)
+
+    assert len(records) == 2
+    assert record_differences(records[0], records[1]) == []
+    assert records[0].getMessage() == records[1].getMessage()

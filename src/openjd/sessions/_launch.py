@@ -69,6 +69,10 @@ class _ShellEnvironment:
     restore: bytes  # Shell code that makes the exported environment equal the request's.
 
 
+# The last environment that _shell_environment() looked at, and its result.
+_last_shell_environment: tuple[Optional[dict[bytes, bytes]], Optional[_ShellEnvironment]] = (None, None)
+
+
 def start_process(
     request: ProcessRequest, tracker: SessionProcesses
 ) -> tuple[subprocess.Popen[bytes], ActionProcesses]:
@@ -134,7 +138,7 @@ class _StandbyShell:
         self.cgroup = cgroup
         self.recycled = recycled
         self._restore = shell_env.restore
-        self._env_bytes = sum(len(name) + len(value) + 2 for name, value in self.env.items())
+        self._env_bytes = sum(map(len, self.env)) + sum(map(len, self.env.values())) + 2 * len(self.env)
         self._tracker = tracker
         script_read, self._script_write = os.pipe()
         try:
@@ -211,6 +215,16 @@ def _start_standby(
 
 def _shell_environment(env: Mapping[bytes, bytes]) -> Optional[_ShellEnvironment]:
     """Return how dash can pass ``env`` on unchanged, or None if it cannot."""
+    global _last_shell_environment
+    last_env, last_result = _last_shell_environment
+    if env == last_env:
+        return last_result  # Most actions of a session have the environment of the one before.
+    result = _new_shell_environment(env)
+    _last_shell_environment = (dict(env), result)
+    return result
+
+
+def _new_shell_environment(env: Mapping[bytes, bytes]) -> Optional[_ShellEnvironment]:
     if not _shell_is_dash():
         return None
     match = _SHELL_NAME.match

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from enum import Flag, auto
 from typing import Any, Callable, Optional
 
@@ -112,6 +113,8 @@ class SessionLogger:
         self._output_template_usable = True
         # makeRecord() only reads the extra mapping, so one dict per content flag serves every record.
         self._extras: dict[Optional[LogContent], dict[str, object]] = {}
+        # Templates of the other records, by level and content flag, built like the output one.
+        self._templates: dict[tuple[int, Optional[LogContent]], Optional[_RecordTemplate]] = {}
 
     def is_enabled_for(self, level: int) -> bool:
         if self.level is None:
@@ -135,9 +138,16 @@ class SessionLogger:
             if content is not None:
                 extra["openjd_log_content"] = content
             self._extras[content] = extra
-        record = LOG.makeRecord(LOG.name, level, _PATHNAME, 0, msg, args, None, None, extra, None)
-        if exc_info:
-            record.exc_info = sys.exc_info()
+        template = self._templates.get((level, content)) if not exc_info else None
+        if template is not None and _uses_stock_records():
+            record = template.new_record(msg, args)
+        else:
+            record = LOG.makeRecord(LOG.name, level, _PATHNAME, 0, msg, args, None, None, extra, None)
+            if exc_info:
+                record.exc_info = sys.exc_info()
+            elif not args and (level, content) not in self._templates and _uses_stock_records():
+                # None marks a kind of record that cannot have a template.
+                self._templates[(level, content)] = _RecordTemplate.from_record(record)
         self._handle(record)
 
     def output(self, line: str) -> None:
@@ -330,10 +340,16 @@ class _RecordTemplate:
             return None
         return cls(fields)
 
-    def new_record(self, msg: str) -> logging.LogRecord:
-        """Build a record for ``msg`` with the attributes that ``LogRecord.__init__`` sets."""
+    def new_record(self, msg: str, args: tuple[object, ...] = ()) -> logging.LogRecord:
+        """Build a record for ``msg % args`` with the attributes that ``LogRecord.__init__`` sets."""
         fields = self._fields.copy()
         fields["msg"] = msg
+        if args:
+            # LogRecord.__init__ takes a lone mapping argument as the mapping for %(name)s.
+            if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+                fields["args"] = args[0]
+            else:
+                fields["args"] = args
         globals_ = _LOGGING_GLOBALS
         # logging.getLevelName() looks in the same table first, so a level renamed with
         # logging.addLevelName() shows its new name here too.

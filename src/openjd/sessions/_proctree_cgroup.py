@@ -198,8 +198,14 @@ def _list_children(pid: int) -> Optional[list[int]]:
 def read_cgroup_pids(cgroup: str) -> list[int]:
     """Return the pids listed in ``cgroup.procs`` (live processes, no zombies)."""
     try:
-        with open(os.path.join(cgroup, "cgroup.procs"), "rb") as file:
-            return [int(token) for token in file.read().split()]
+        fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_RDONLY)
+        try:
+            chunks = [os.read(fd, 65536)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 65536))
+        finally:
+            os.close(fd)
+        return [int(token) for token in b"".join(chunks).split()]
     except OSError as err:
         if err.errno in VANISHED_ERRNOS:
             return []
