@@ -14,6 +14,7 @@ from helpers import CallbackRecorder, SessionFactory, python_step, step_script, 
 from test_proctree import needs_cgroup
 
 from openjd.sessions import ActionState, Session
+from openjd.sessions._proctree import STANDBY_DEPTH
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="runs POSIX processes")
 
@@ -137,7 +138,7 @@ def test_changed_environment_between_actions(make_session: SessionFactory, monke
 def test_standby_shell_ends_with_session(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     before = session_children()
     session, _ = session_after_one_action(make_session, monkeypatch)
-    assert standby_shells(), "a standby shell waits for the next action"
+    assert wait_until(lambda: len(standby_shells()) == STANDBY_DEPTH, 10), "standby shells wait for the next actions"
 
     session.cleanup()
 
@@ -147,10 +148,10 @@ def test_standby_shell_ends_with_session(make_session: SessionFactory, monkeypat
 @needs_cgroup
 def test_killed_standby_shell_falls_back(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     session, recorder = session_after_one_action(make_session, monkeypatch)
-    shells = standby_shells()
-    assert len(shells) == 1
-    os.kill(shells[0], signal.SIGKILL)
-    assert wait_until(lambda: not os.path.exists(f"/proc/{shells[0]}/cmdline") or not standby_shells(), 10)
+    assert wait_until(lambda: len(standby_shells()) == STANDBY_DEPTH, 10)
+    for pid in standby_shells():
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not standby_shells(), 10)
 
     assert run_and_read_env(session, recorder) == host_environment(session)
 
@@ -168,3 +169,20 @@ def test_script_without_shebang_runs_on_standby(make_session: SessionFactory, mo
     )
     assert recorder.wait_final().state == ActionState.SUCCESS
     assert (session.working_directory / "out.txt").read_text() == "from-script\n"
+
+
+@needs_cgroup
+def test_cleanup_during_standby_start(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRACKING, "cgroup")
+    before = session_children()
+    cgroups = []
+    for _ in range(20):
+        recorder = CallbackRecorder()
+        session = make_session(callback=recorder)
+        cgroups.append(session._processes.cgroup_path)
+        session.run_task(step_script=python_step("pass"), task_parameter_values={})
+        assert recorder.wait_final().state == ActionState.SUCCESS
+        session.cleanup()  # Right away, while the action's thread may still be starting standby shells.
+
+    assert wait_until(lambda: session_children() <= before, 10), session_children() - before
+    assert wait_until(lambda: not any(os.path.exists(path) for path in cgroups if path), 10)

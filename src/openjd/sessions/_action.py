@@ -443,10 +443,11 @@ class ActionRunner:
             )
             with self._lock:
                 process.kill_tree()
-        if self._standby_request is not None and self._cancel is None:
-            # Before the final callback, which may start the session's next action at once.
-            prepare_standby(self._standby_request, self._processes)
         self._end(process)
+        if self._standby_request is not None and self._cancel is None:
+            # After the final callback: the next action takes an older standby shell, so this
+            # one has the time of a whole action to start.
+            prepare_standby(self._standby_request, self._processes)
 
     def _check_deadlines(self, process: ActionProcess, now: float) -> None:
         """Apply the runtime limit and the end of a notify period once they have passed.

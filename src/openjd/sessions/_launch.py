@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ._proctree import CGROUP, ActionProcesses, SessionProcesses
+from ._proctree import CGROUP, STANDBY_DEPTH, ActionProcesses, SessionProcesses
 
 __all__ = ("ProcessRequest", "prepare_standby", "start_process")
 
@@ -102,24 +102,27 @@ def start_process(
 def prepare_standby(request: ProcessRequest, tracker: SessionProcesses) -> None:
     """Start a standby shell for a next action that has the environment of ``request``.
 
-    Does nothing when the session has no cgroups, already keeps a standby shell, or the
-    environment needs a way in other than the first (see the module documentation).
+    Starts as many as needed to keep ``STANDBY_DEPTH``. Does nothing when the session has
+    no cgroups, or the environment needs a way in other than the first (see the module
+    documentation).
     """
     if tracker.mechanism != CGROUP:
         return
     shell_env = _shell_environment(request.env)
     if shell_env is None:
         return
-    reserved = tracker.reserve_cgroup()
-    if reserved is None:
-        return
-    try:
-        standby = _StandbyShell(request, shell_env, reserved[0], reserved[1], tracker)
-    except (OSError, ValueError):
-        tracker.return_cgroup(reserved[0])
-        return
-    if not tracker.put_standby(standby):
-        standby.discard()
+    while tracker.standby_count() < STANDBY_DEPTH:
+        reserved = tracker.reserve_cgroup()
+        if reserved is None:
+            return
+        try:
+            standby = _StandbyShell(request, shell_env, reserved[0], reserved[1], tracker)
+        except (OSError, ValueError):
+            tracker.return_cgroup(reserved[0])
+            return
+        if not tracker.put_standby(standby):
+            standby.discard()
+            return
 
 
 class _StandbyShell:
@@ -205,6 +208,7 @@ def _start_standby(
     assert isinstance(standby, _StandbyShell)
     if not (standby.matches(request) and standby.run(argv)):
         standby.discard()
+        tracker.discard_standby()  # The others were started for the same environment.
         return None
     try:
         return standby.popen, tracker.track_joined(standby.popen.pid, standby.cgroup, standby.recycled)

@@ -80,6 +80,10 @@ _SHELL = "/bin/sh"
 CGROUP = "cgroup"
 PROCESS_GROUP = "process-group"
 
+# How many standby processes a session keeps. With two, each has the time of a whole action
+# to start before it is used, even when actions follow each other at once.
+STANDBY_DEPTH = 2
+
 # How long release() waits for killed processes to leave the cgroup before giving up on
 # removing it; close() tries again.
 _KILLED_EXIT_TIMEOUT = 2.0
@@ -374,7 +378,7 @@ class SessionProcesses:
         self._next_joins_itself = False  # spawn_prefix() was used for the next child.
         self._spare: list[str] = []  # Empty action cgroups that earlier actions released.
         self._next_recycled = False
-        self._standby: Optional[Standby] = None
+        self._standby: list[Standby] = []
         self._cgroup_count = 0
         self._closed = False
         self.cgroup_path: Optional[str] = None
@@ -477,26 +481,31 @@ class SessionProcesses:
             return self._add_action(pid, cgroup, True, True, recycled)
 
     def put_standby(self, standby: Standby) -> bool:
-        """Keep ``standby`` (a process started ahead of the next action) until it is taken.
+        """Keep ``standby`` (a process started ahead of a later action) until it is taken.
 
-        Returns False, keeping nothing, when one is already kept or ``close()`` was called.
+        Returns False, keeping nothing, when ``STANDBY_DEPTH`` are kept or ``close()`` was called.
         """
         with self._lock:
-            if self._standby is not None or self._closed:
+            if len(self._standby) >= STANDBY_DEPTH or self._closed:
                 return False
-            self._standby = standby
+            self._standby.append(standby)
             return True
 
-    def take_standby(self) -> Optional[Standby]:
-        """Return the kept standby and forget it, or None."""
-        with self._lock:
-            standby, self._standby = self._standby, None
-        return standby
+    def standby_count(self) -> int:
+        """Return how many standby processes are kept."""
+        return len(self._standby)
 
-    def _discard_standby(self) -> None:
-        standby = self.take_standby()
-        if standby is not None:
-            standby.discard()
+    def take_standby(self) -> Optional[Standby]:
+        """Return the oldest kept standby and forget it, or None."""
+        with self._lock:
+            return self._standby.pop(0) if self._standby else None
+
+    def discard_standby(self) -> None:
+        """End every kept standby process."""
+        with self._lock:
+            standby, self._standby = self._standby, []
+        for process in standby:
+            process.discard()
 
     def track(self, pid: int) -> ActionProcesses:
         """Start tracking the action whose main process is ``pid``; call right after spawn.
@@ -544,10 +553,14 @@ class SessionProcesses:
 
     def _recycle_cgroup(self, cgroup: str) -> None:
         with self._lock:
-            if self._closed:
-                remove_cgroup_dir(cgroup)
-            else:
+            if not self._closed:
                 self._spare.append(cgroup)
+                return
+        remove_cgroup_dir(cgroup)
+        if self.cgroup_path is not None:
+            # A standby shell that was still starting when close() ran kept the session's
+            # cgroup from being removed then; this fails harmlessly while others remain.
+            remove_cgroup_dir(self.cgroup_path)
 
     def _forget(self, number: int) -> None:
         with self._lock:
@@ -563,7 +576,7 @@ class SessionProcesses:
             KillPermissionError: some processes belong to another user; all others were
                 signalled.
         """
-        self._discard_standby()
+        self.discard_standby()
         with self._lock:
             actions = list(self._actions.values())
         signalled: list[int] = []
@@ -594,12 +607,12 @@ class SessionProcesses:
             if self._closed:
                 return
             self._closed = True
-            standby, self._standby = self._standby, None
+            standby, self._standby = self._standby, []
             actions = list(self._actions.values())
             unused = [*self._spare, self._next_cgroup]
             self._spare = []
-        if standby is not None:
-            standby.discard()  # Hands its cgroup back, which removes it now that the session is closed.
+        for process in standby:
+            process.discard()  # Hands its cgroup back, which removes it now that the session is closed.
         for cgroup in unused:
             if cgroup is not None:
                 remove_cgroup_dir(cgroup)
