@@ -444,6 +444,9 @@ class ActionRunner:
             with self._lock:
                 process.kill_tree()
         self._end(process)
+        # After the final callback, like the standby shells: the next action does not need
+        # this cgroup, and nothing is left in it unless a killed process is still exiting.
+        process.processes.release()
         if self._standby_request is not None and self._cancel is None:
             # After the final callback: the next action takes an older standby shell, so this
             # one has the time of a whole action to start.
@@ -505,7 +508,7 @@ class ActionRunner:
     def _end(self, process: ActionProcess) -> None:
         for timer in self._timers:
             timer.cancel()
-        process.close()
+        process.close(release=False)
         if self._script is not None:
             self._script.unlink(missing_ok=True)
         code = process.returncode

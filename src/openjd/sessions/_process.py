@@ -247,8 +247,12 @@ class ActionProcess:
                 except (ProcessLookupError, PermissionError):
                     pass  # The group is empty, or only another user's processes are left.
 
-    def close(self) -> None:
-        """Release file descriptors; the process must have been reaped or killed."""
+    def close(self, release: bool = True) -> None:
+        """Release file descriptors; the process must have been reaped or killed.
+
+        ``release`` also hands the action's cgroup back; a caller that passes False calls
+        ``processes.release()`` itself later.
+        """
         if not self.exited:
             self._reap(blocking=True)
         self._selector.close()
@@ -259,4 +263,5 @@ class ActionProcess:
                 except OSError:
                     pass
         self._stdout.close()
-        self.processes.release()
+        if release:
+            self.processes.release()
