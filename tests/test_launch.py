@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
-from helpers import CallbackRecorder, SessionFactory, python_step, step_script, wait_until
+from helpers import PYTHON, CallbackRecorder, SessionFactory, python_step, step_script, wait_until
 from test_proctree import needs_cgroup
 
 from openjd.sessions import ActionState, Session
@@ -69,6 +73,7 @@ def session_after_one_action(
     recorder = CallbackRecorder()
     session = make_session(callback=recorder)
     run_and_read_env(session, recorder)
+    assert wait_until(lambda: len(standby_shells()) == STANDBY_DEPTH, 10), "standby shells wait for the next actions"
     return session, recorder
 
 
@@ -186,3 +191,167 @@ def test_cleanup_during_standby_start(make_session: SessionFactory, monkeypatch:
 
     assert wait_until(lambda: session_children() <= before, 10), session_children() - before
     assert wait_until(lambda: not any(os.path.exists(path) for path in cgroups if path), 10)
+
+
+@needs_cgroup
+def test_oversized_argument_after_standby(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    session, recorder = session_after_one_action(make_session, monkeypatch)
+    recorder.clear()
+
+    session.run_task(step_script=big_arg_step(), task_parameter_values={})
+
+    status = recorder.wait_final()
+    assert status.state == ActionState.FAILED
+    assert status.exit_code is None
+    assert status.fail_message is not None and "E2BIG" in status.fail_message
+
+
+def big_arg_step() -> Any:
+    return step_script({"actions": {"onRun": {"command": PYTHON, "args": ["-c", "pass", "x" * 140_000]}}})
+
+
+@needs_cgroup
+def test_recreated_working_directory_after_standby(
+    make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, recorder = session_after_one_action(make_session, monkeypatch)
+    shutil.rmtree(session.working_directory)
+    session.working_directory.mkdir()
+
+    assert run_and_read_env(session, recorder) == host_environment(session)
+
+
+@pytest.mark.parametrize("tracking", ["cgroup", "process-group"])
+def test_umask_change_reaches_next_action(
+    make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch, tracking: str
+) -> None:
+    if tracking == "cgroup" and needs_cgroup.args[0]:
+        pytest.skip("needs a writable cgroup v2 (run as root)")
+    monkeypatch.setenv(TRACKING, tracking)
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder)
+    run_and_read_env(session, recorder)
+    if tracking == "cgroup":
+        assert wait_until(lambda: len(standby_shells()) == STANDBY_DEPTH, 10)
+    previous = os.umask(0o077)
+    try:
+        recorder.clear()
+        session.run_task(
+            step_script=python_step("import os; open('umask.txt', 'w').write(oct(os.umask(0)))"),
+            task_parameter_values={},
+        )
+        assert recorder.wait_final().state == ActionState.SUCCESS
+    finally:
+        os.umask(previous)
+    assert (session.working_directory / "umask.txt").read_text() == "0o77"
+
+
+@pytest.mark.parametrize("tracking", ["cgroup", "process-group"])
+def test_relative_path_entry_uses_working_directory(
+    make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch, tracking: str
+) -> None:
+    if tracking == "cgroup" and needs_cgroup.args[0]:
+        pytest.skip("needs a writable cgroup v2 (run as root)")
+    monkeypatch.setenv(TRACKING, tracking)
+    monkeypatch.setenv("PATH", "." + os.pathsep + os.environ["PATH"])
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder)
+    tool = session.working_directory / "local-tool.sh"
+    tool.write_text("#!/bin/sh\necho ran > tool-ran.txt\n")
+    tool.chmod(0o755)
+
+    session.run_task(
+        step_script=step_script({"actions": {"onRun": {"command": "local-tool.sh"}}}), task_parameter_values={}
+    )
+
+    assert recorder.wait_final().state == ActionState.SUCCESS
+    assert (session.working_directory / "tool-ran.txt").read_text() == "ran\n"
+
+
+@needs_cgroup
+def test_dropped_session_ends_standby_shells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRACKING, "cgroup")
+    recorder = CallbackRecorder()
+    session = Session(session_id="dropped", job_parameter_values={}, callback=recorder, session_root_directory=tmp_path)
+    run_and_read_env(session, recorder)
+    assert wait_until(lambda: len(standby_shells()) == STANDBY_DEPTH, 10)
+    cgroup = session._processes.cgroup_path
+    assert cgroup is not None
+
+    del session
+    gc.collect()
+
+    assert wait_until(lambda: not standby_shells(), 10)
+    assert wait_until(lambda: not os.path.exists(cgroup), 10)
+
+
+FORKING_HOST = """
+import os, sys, threading, time
+sys.path[:0] = sys.argv[1:]
+from helpers import python_step
+from openjd.sessions import Session, ActionState
+done = threading.Event()
+session = Session(session_id="forking", job_parameter_values={},
+                  callback=lambda _, status: status.state != ActionState.RUNNING and done.set())
+session.run_task(step_script=python_step("pass"), task_parameter_values={})
+done.wait(30)
+time.sleep(1)
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+print(os.getpid(), flush=True)
+os._exit(0)
+"""
+
+
+@needs_cgroup
+def test_standby_shells_end_with_forking_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRACKING, "cgroup")
+    script = tmp_path / "host.py"
+    script.write_text(FORKING_HOST)
+    tests_dir = str(Path(__file__).parent)
+    output = tmp_path / "host.out"
+    with output.open("w") as out:
+        # Not a pipe: the forked child would keep it open until it ends.
+        host = subprocess.run(
+            [sys.executable, str(script), tests_dir], stdout=out, stderr=subprocess.STDOUT, timeout=60
+        )
+    host_pid = output.read_text().strip()
+    assert host.returncode == 0, host_pid
+
+    def shells_of_host() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    if b". /dev/stdin" not in file.read():
+                        continue
+                with open(f"/proc/{entry}/environ", "rb") as file:
+                    if b"OPENJD_SESSION_WORKING_DIR" not in file.read():
+                        continue
+            except OSError:
+                continue
+            found.append(int(entry))
+        return found
+
+    forked = [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit()
+        and _cmdline(int(entry)).startswith(sys.executable.encode())
+        and str(script).encode() in _cmdline(int(entry))
+    ]
+    try:
+        assert host_pid
+        assert wait_until(lambda: not shells_of_host(), 10), shells_of_host()
+    finally:
+        for pid in forked:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read()
+    except OSError:
+        return b""

@@ -29,9 +29,11 @@ import fcntl
 import functools
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,8 @@ _SHELL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SET_BY_SHELL = (b"PWD", b"PPID", b"IFS")
 _FATAL_TO_SHELL = b"OPTIND"
 _JOIN = b'echo 0 > "$1" || exit\nshift\n'
+# Linux rejects an execve() argument or variable of this many bytes or more (MAX_ARG_STRLEN).
+_MAX_ARG_BYTES = 131072
 # Larger requests skip the standby shell: an argument list too long for execve() then
 # fails in Popen with an OSError that names E2BIG, rather than in the shell.
 _STANDBY_MAX_BYTES = 256 * 1024
@@ -85,6 +89,20 @@ def start_process(
     if shell_env is None and (tracker.mechanism != CGROUP or "=" in argv[0] or not os.access(_ENV_COMMAND, os.X_OK)):
         popen = _spawn_direct(argv, request)
         return popen, tracker.track(popen.pid)
+    try:
+        popen = _spawn_joining(request, argv, tracker, shell_env)
+    except OSError as err:
+        if err.errno == errno.E2BIG and err.filename != argv[0]:
+            # Popen names the shell in front of the command; the arguments are the command's.
+            raise OSError(errno.E2BIG, err.strerror, argv[0]) from err
+        raise
+    return popen, tracker.track(popen.pid)
+
+
+def _spawn_joining(
+    request: ProcessRequest, argv: list[str], tracker: SessionProcesses, shell_env: Optional[_ShellEnvironment]
+) -> subprocess.Popen[bytes]:
+    """Spawn ``argv`` so that it joins the next action cgroup itself, or move it there after."""
     procs_file = tracker.next_procs_file()
     if procs_file is None:
         popen = _spawn_direct(argv, request)  # track() creates the cgroup and moves the process.
@@ -96,7 +114,7 @@ def start_process(
         command: list[Union[str, bytes]] = [_SHELL, "-c", _JOIN + b'exec "$@"', "openjd-sessions", procs_file]
         command += [_ENV_COMMAND, "-i"]
         popen = _popen([*command, *pairs, *argv], request, {})
-    return popen, tracker.track(popen.pid)
+    return popen
 
 
 def prepare_standby(request: ProcessRequest, tracker: SessionProcesses) -> None:
@@ -109,7 +127,7 @@ def prepare_standby(request: ProcessRequest, tracker: SessionProcesses) -> None:
     if tracker.mechanism != CGROUP:
         return
     shell_env = _shell_environment(request.env)
-    if shell_env is None:
+    if shell_env is None or any(len(name) + len(value) >= _MAX_ARG_BYTES for name, value in request.env.items()):
         return
     while tracker.standby_count() < STANDBY_DEPTH:
         reserved = tracker.reserve_cgroup()
@@ -142,7 +160,9 @@ class _StandbyShell:
         self.recycled = recycled
         self._restore = shell_env.restore
         self._env_bytes = sum(map(len, self.env)) + sum(map(len, self.env.values())) + 2 * len(self.env)
-        self._tracker = tracker
+        # A weak reference, because the session's finalizer keeps its standby shells until it runs.
+        self._tracker = weakref.ref(tracker)
+        self._state = _inherited_state(request.cwd)
         script_read, self._script_write = os.pipe()
         try:
             self.popen = subprocess.Popen(
@@ -163,15 +183,23 @@ class _StandbyShell:
             os.close(script_read)
         assert self.popen.stdout is not None
         _enlarge_pipe(self.popen.stdout.fileno())
+        _live_standby_shells.add(self)
 
     def matches(self, request: ProcessRequest) -> bool:
-        return request.cwd == self.cwd and request.env == self.env and self.popen.poll() is None
+        """Tell whether the shell can run ``request`` as a newly spawned process would."""
+        return (
+            request.cwd == self.cwd
+            and request.env == self.env
+            and _inherited_state(self.cwd) == self._state
+            and self.popen.poll() is None
+        )
 
     def run(self, argv: Sequence[str]) -> bool:
         """Send the script that execs ``argv``; return False if the shell cannot take it."""
-        script = b"".join(
-            (b"exec 0<>/dev/null\n", self._restore, b"exec ", b" ".join(_quote(os.fsencode(a)) for a in argv), b"\n")
-        )
+        words = [os.fsencode(word) for word in argv]
+        if max(map(len, words)) >= _MAX_ARG_BYTES:
+            return False
+        script = b"".join((b"exec 0<>/dev/null\n", self._restore, b"exec ", b" ".join(map(_quote, words)), b"\n"))
         if len(script) + self._env_bytes > _STANDBY_MAX_BYTES:
             return False
         view = memoryview(script)
@@ -185,6 +213,12 @@ class _StandbyShell:
             self._script_write = -1
         return True
 
+    def close_in_forked_child(self) -> None:
+        """Close the script pipe in a forked child, so that the shell still reads EOF when this process ends."""
+        if self._script_write >= 0:
+            os.close(self._script_write)
+            self._script_write = -1
+
     def discard(self) -> None:
         if self._script_write >= 0:
             os.close(self._script_write)  # At the end of its script the shell exits by itself.
@@ -196,7 +230,9 @@ class _StandbyShell:
         self.popen.wait()
         if self.popen.stdout is not None:
             self.popen.stdout.close()
-        self._tracker.return_cgroup(self.cgroup)
+        tracker = self._tracker()
+        if tracker is not None:
+            tracker.return_cgroup(self.cgroup)  # Otherwise the session's finalizer removes it.
 
 
 def _start_standby(
@@ -215,6 +251,44 @@ def _start_standby(
     except RuntimeError:
         standby.discard()
         raise
+
+
+def _inherited_state(cwd: Path) -> Optional[tuple[object, ...]]:
+    """Return what a child inherits from this process besides its environment, or None.
+
+    A standby shell started earlier has the umask, resource limits, nice value, CPU
+    affinity and credentials of that moment, and a working directory that may since have
+    been removed and created again. Compared when the shell is used, a change makes the
+    action start afresh. None, when something cannot be read, never matches.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            umask = next((line for line in status if line.startswith(b"Umask:")), None)
+        directory = os.stat(cwd)
+        limits = tuple(resource.getrlimit(limit) for limit in _RLIMITS)
+        return (
+            umask,
+            limits,
+            os.getpriority(os.PRIO_PROCESS, 0),
+            frozenset(os.sched_getaffinity(0)),
+            os.getresuid(),
+            os.getresgid(),
+            tuple(os.getgroups()),
+            directory.st_dev,
+            directory.st_ino,
+        )
+    except (OSError, AttributeError):
+        return None
+
+
+def _close_standby_pipes_in_child() -> None:
+    for shell in list(_live_standby_shells):
+        shell.close_in_forked_child()
+
+
+_live_standby_shells: weakref.WeakSet[_StandbyShell] = weakref.WeakSet()
+_RLIMITS = tuple(getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_"))
+os.register_at_fork(after_in_child=_close_standby_pipes_in_child)
 
 
 def _shell_environment(env: Mapping[bytes, bytes]) -> Optional[_ShellEnvironment]:
@@ -269,7 +343,10 @@ def _resolve_command(request: ProcessRequest) -> list[str]:
         if not os.access(command, os.X_OK):
             raise PermissionError(errno.EACCES, "The file is not executable", argv[0])
         return argv
-    search_path = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath)))
+    # Relative entries of PATH, and empty ones, name directories below the action's
+    # working directory, where execvp() in the new process would look.
+    entries = os.fsdecode(request.env.get(b"PATH", os.fsencode(os.defpath))).split(os.pathsep)
+    search_path = os.pathsep.join(os.path.join(request.cwd, entry) for entry in entries)
     found = shutil.which(argv[0], path=search_path)
     if found is None:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory in PATH", argv[0])

@@ -392,7 +392,7 @@ class SessionProcesses:
         self.mechanism = PROCESS_GROUP if self.cgroup_path is None else CGROUP
         if self.cgroup_path is not None:
             # A session that is dropped without close() still removes its empty cgroups.
-            weakref.finalize(self, _remove_empty_tree, self.cgroup_path, os.getpid())
+            weakref.finalize(self, _remove_empty_tree, self.cgroup_path, os.getpid(), self._standby)
         self._use_kill_file = self.cgroup_path is not None and os.path.exists(
             os.path.join(self.cgroup_path, "cgroup.kill")
         )
@@ -503,7 +503,8 @@ class SessionProcesses:
     def discard_standby(self) -> None:
         """End every kept standby process."""
         with self._lock:
-            standby, self._standby = self._standby, []
+            standby = list(self._standby)
+            self._standby.clear()
         for process in standby:
             process.discard()
 
@@ -607,7 +608,8 @@ class SessionProcesses:
             if self._closed:
                 return
             self._closed = True
-            standby, self._standby = self._standby, []
+            standby = list(self._standby)
+            self._standby.clear()
             actions = list(self._actions.values())
             unused = [*self._spare, self._next_cgroup]
             self._spare = []
@@ -627,14 +629,20 @@ class SessionProcesses:
             remove_cgroup_dir(self.cgroup_path)
 
 
-def _remove_empty_tree(session_cgroup: str, owner_pid: int) -> None:
-    """Remove the empty action cgroups of a session cgroup, then the session cgroup.
+def _remove_empty_tree(session_cgroup: str, owner_pid: int, standby: list[Standby]) -> None:
+    """End the standby processes, then remove the empty action cgroups and the session cgroup.
 
     Does nothing in a forked child of the owner, which must not remove the cgroup of an
     action that the owner is about to start.
     """
     if os.getpid() != owner_pid:
         return
+    for process in list(standby):
+        try:
+            process.discard()
+        except Exception:  # noqa: BLE001 - a finalizer must not raise, and the rmdir below still runs.
+            pass
+    standby.clear()
     try:
         names = os.listdir(session_cgroup)
     except OSError:

@@ -70,6 +70,7 @@ class _Worker:
             self._job = None
             target, self.thread.name = job
             target()  # An exception ends this thread, as it would end a thread of its own.
+            del job, target  # An idle thread must not keep the last action, and its session, alive.
             self.thread.name = _IDLE_NAME
             with _lock:
                 _idle.append(self)
