@@ -29,7 +29,8 @@ def _forget_idle_in_child() -> None:
     _idle.clear()
 
 
-os.register_at_fork(after_in_child=_forget_idle_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_idle_in_child)
 
 
 def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
