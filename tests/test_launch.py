@@ -17,7 +17,7 @@ import pytest
 from helpers import PYTHON, CallbackRecorder, SessionFactory, python_step, step_script, wait_until
 from test_proctree import needs_cgroup
 
-from openjd.sessions import ActionState, Session
+from openjd.sessions import ActionState, Session, _launch
 from openjd.sessions._proctree import STANDBY_DEPTH
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="runs POSIX processes")
@@ -355,3 +355,19 @@ def _cmdline(pid: int) -> bytes:
             return file.read()
     except OSError:
         return b""
+
+
+@needs_cgroup
+@pytest.mark.parametrize("case", sorted(ODD_ENVIRONMENTS))
+def test_env_command_way_in_is_exact(make_session: SessionFactory, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    # The way every environment takes when /bin/sh is not dash (Fedora, RHEL), taken here on purpose.
+    monkeypatch.setattr(_launch, "_shell_is_dash", lambda: False)
+    monkeypatch.setattr(_launch, "_last_shell_environment", (None, None))
+    monkeypatch.setenv(TRACKING, "cgroup")
+    set_host_env(monkeypatch, ODD_ENVIRONMENTS[case])
+    recorder = CallbackRecorder()
+    session = make_session(callback=recorder)
+
+    for _ in range(2):
+        assert run_and_read_env(session, recorder) == host_environment(session)
+    assert not standby_shells()
