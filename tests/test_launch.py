@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +21,7 @@ from test_proctree import needs_cgroup
 
 from openjd.sessions import ActionState, Session, _launch
 from openjd.sessions._proctree import STANDBY_DEPTH
+from openjd.sessions._proctree_cgroup import find_own_cgroup_dir, remove_cgroup_dir
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="runs POSIX processes")
 
@@ -291,7 +294,7 @@ sys.path[:0] = sys.argv[1:]
 from helpers import python_step
 from openjd.sessions import Session, ActionState
 done = threading.Event()
-session = Session(session_id="forking", job_parameter_values={},
+session = Session(session_id=os.environ["FORKING_SESSION_ID"], job_parameter_values={},
                   callback=lambda _, status: status.state != ActionState.RUNNING and done.set())
 session.run_task(step_script=python_step("pass"), task_parameter_values={})
 done.wait(30)
@@ -307,6 +310,8 @@ os._exit(0)
 @needs_cgroup
 def test_standby_shells_end_with_forking_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TRACKING, "cgroup")
+    session_id = f"forking-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("FORKING_SESSION_ID", session_id)
     script = tmp_path / "host.py"
     script.write_text(FORKING_HOST)
     tests_dir = str(Path(__file__).parent)
@@ -347,6 +352,18 @@ def test_standby_shells_end_with_forking_host(tmp_path: Path, monkeypatch: pytes
     finally:
         for pid in forked:
             os.kill(pid, signal.SIGKILL)
+        remove_empty_session_cgroups(session_id)
+
+
+def remove_empty_session_cgroups(session_id: str) -> None:
+    """Remove the cgroups that a host process which exited without cleanup() left behind."""
+    own, _ = find_own_cgroup_dir()
+    if own is None:
+        return
+    for session_cgroup in glob.glob(os.path.join(own, f"openjd-{session_id}-*")):
+        for action in glob.glob(os.path.join(session_cgroup, "action-*")):
+            wait_until(lambda path=action: remove_cgroup_dir(path), 10)
+        remove_cgroup_dir(session_cgroup)
 
 
 def _cmdline(pid: int) -> bytes:

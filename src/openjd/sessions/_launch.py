@@ -134,13 +134,16 @@ def prepare_standby(request: ProcessRequest, tracker: SessionProcesses) -> None:
         if reserved is None:
             return
         try:
-            standby = _StandbyShell(request, shell_env, reserved[0], reserved[1], tracker)
-        except (OSError, ValueError):
-            tracker.return_cgroup(reserved[0])
-            return
-        if not tracker.put_standby(standby):
-            standby.discard()
-            return
+            try:
+                standby = _StandbyShell(request, shell_env, reserved[0], reserved[1], tracker)
+            except (OSError, ValueError):
+                tracker.return_cgroup(reserved[0])
+                return
+            if not tracker.put_standby(standby):
+                standby.discard()
+                return
+        finally:
+            tracker.settle_reservation()
 
 
 class _StandbyShell:

@@ -84,6 +84,9 @@ PROCESS_GROUP = "process-group"
 # to start before it is used, even when actions follow each other at once.
 STANDBY_DEPTH = 2
 
+# How long close() waits for standby processes that are still starting.
+_STANDBY_SETTLE_TIMEOUT = 5.0
+
 # How long release() waits for killed processes to leave the cgroup before giving up on
 # removing it; close() tries again.
 _KILLED_EXIT_TIMEOUT = 2.0
@@ -379,6 +382,8 @@ class SessionProcesses:
         self._spare: list[str] = []  # Empty action cgroups that earlier actions released.
         self._next_recycled = False
         self._standby: list[Standby] = []
+        self._reserved = 0  # Cgroups from reserve_cgroup() that are not settled yet.
+        self._settled = threading.Condition(self._lock)
         self._cgroup_count = 0
         self._closed = False
         self.cgroup_path: Optional[str] = None
@@ -463,9 +468,23 @@ class SessionProcesses:
             if self.cgroup_path is None or self._closed:
                 return None
             if self._spare:
+                self._reserved += 1
                 return self._spare.pop(), True
             cgroup = self._new_action_cgroup()
-        return None if cgroup is None else (cgroup, False)
+            if cgroup is None:
+                return None
+            self._reserved += 1
+        return cgroup, False
+
+    def settle_reservation(self) -> None:
+        """Note that a cgroup from ``reserve_cgroup()`` is kept by a standby, returned, or removed.
+
+        ``close()`` waits for every reservation to settle, so that it never returns while a
+        standby process is still starting in a cgroup it does not know of.
+        """
+        with self._lock:
+            self._reserved -= 1
+            self._settled.notify_all()
 
     def return_cgroup(self, cgroup: str) -> None:
         """Take back a cgroup from ``reserve_cgroup()`` whose process was never used and is gone."""
@@ -608,6 +627,7 @@ class SessionProcesses:
             if self._closed:
                 return
             self._closed = True
+            self._settled.wait_for(lambda: self._reserved <= 0, _STANDBY_SETTLE_TIMEOUT)
             standby = list(self._standby)
             self._standby.clear()
             actions = list(self._actions.values())
