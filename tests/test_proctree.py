@@ -777,9 +777,9 @@ def test_released_cgroup_reused_by_next_action(children: Children) -> None:
         finished.wait(timeout=TIMEOUT)
         first.release()
 
-        prefix = processes.spawn_prefix()
+        procs_file = processes.next_procs_file()
 
         assert first.cgroup_path is not None
-        assert os.path.join(first.cgroup_path, "cgroup.procs") in prefix
+        assert procs_file == os.path.join(first.cgroup_path, "cgroup.procs")
     finally:
         processes.close()

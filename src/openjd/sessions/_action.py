@@ -508,7 +508,7 @@ class ActionRunner:
     def _end(self, process: ActionProcess) -> None:
         for timer in self._timers:
             timer.cancel()
-        process.close(release=False)
+        process.close()
         if self._script is not None:
             self._script.unlink(missing_ok=True)
         code = process.returncode

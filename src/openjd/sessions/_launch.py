@@ -166,26 +166,19 @@ class _StandbyShell:
         # A weak reference, because the session's finalizer keeps its standby shells until it runs.
         self._tracker = weakref.ref(tracker)
         self._state = _inherited_state(request.cwd)
+
+        # The shell reads /dev/stdin as a script through a new descriptor, so the script can
+        # point stdin at /dev/null before the exec.
+        argv: list[Union[str, bytes]] = [_SHELL, "-c", _JOIN + b". /dev/stdin", "openjd-sessions"]
+        argv.append(os.path.join(cgroup, "cgroup.procs"))
         script_read, self._script_write = os.pipe()
         try:
-            self.popen = subprocess.Popen(
-                # The shell reads /dev/stdin as a script through a new descriptor, so the
-                # script can point stdin at /dev/null before the exec.
-                [_SHELL, "-c", _JOIN + b". /dev/stdin", "openjd-sessions", os.path.join(cgroup, "cgroup.procs")],
-                stdin=script_read,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=str(request.cwd),
-                env=shell_env.start,
-                start_new_session=True,
-            )
+            self.popen = _popen(argv, request, shell_env.start, stdin=script_read)
         except BaseException:
             os.close(self._script_write)
             raise
         finally:
             os.close(script_read)
-        assert self.popen.stdout is not None
-        _enlarge_pipe(self.popen.stdout.fileno())
         _live_standby_shells.add(self)
 
     def matches(self, request: ProcessRequest) -> bool:
@@ -368,11 +361,14 @@ def _spawn_direct(argv: list[str], request: ProcessRequest) -> subprocess.Popen[
 
 
 def _popen(
-    argv: Sequence[Union[str, bytes]], request: ProcessRequest, env: Mapping[bytes, bytes]
+    argv: Sequence[Union[str, bytes]],
+    request: ProcessRequest,
+    env: Mapping[bytes, bytes],
+    stdin: int = subprocess.DEVNULL,
 ) -> subprocess.Popen[bytes]:
     popen = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=str(request.cwd),

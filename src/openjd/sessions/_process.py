@@ -26,11 +26,11 @@ from ._proctree import CGROUP, SessionProcesses
 __all__ = ("ActionProcess", "ProcessRequest", "ResourceUsage", "build_process_env", "prepare_standby")
 
 _READ_SIZE = 1 << 16
-# Output batches of all actions in this process take turns. Python runs one thread at a
-# time anyway, and threads that wait for this lock sleep, while threads that wait for the GIL
-# wake every 5 ms to ask for it: with 32 busy sessions that cost more CPU than the output
-# itself. A batch that waits longer than _OUTPUT_TURN_WAIT seconds (behind a slow log
-# handler) goes ahead without its turn.
+# Output batches of all actions in this process take turns, because Python runs one thread
+# at a time anyway. Threads that wait for this lock sleep, while threads that wait for the
+# GIL wake every 5 ms to ask for it. With 32 busy sessions that cost more CPU than the
+# output itself. A batch that waits longer than _OUTPUT_TURN_WAIT seconds, behind a slow
+# log handler, goes ahead without its turn.
 _OUTPUT_TURN = threading.Lock()
 _OUTPUT_TURN_WAIT = 0.05
 NOTIFY_SIGNAL = signal.SIGTERM  # The notify step of NOTIFY_THEN_TERMINATE on POSIX.
@@ -185,11 +185,11 @@ class ActionProcess:
             self.output_closed = True
             self._selector.unregister(self._stdout_fd)
         if lines:
-            taken = _OUTPUT_TURN.acquire(timeout=_OUTPUT_TURN_WAIT)
+            has_turn = _OUTPUT_TURN.acquire(timeout=_OUTPUT_TURN_WAIT)
             try:
                 self._on_lines(lines)
             finally:
-                if taken:
+                if has_turn:
                     _OUTPUT_TURN.release()
 
     def writers_gone(self) -> bool:
@@ -219,7 +219,7 @@ class ActionProcess:
         """SIGKILL every process of the action, including descendants that left its group.
 
         The process group goes first: a child that has not yet joined its cgroup (see
-        ``SessionProcesses.spawn_prefix``) is still the leader of that group.
+        ``SessionProcesses.next_procs_file``) is still the leader of that group.
         """
         if self.processes.mechanism != CGROUP:
             # The scan must see the tree before the main process dies: its children that
@@ -247,11 +247,10 @@ class ActionProcess:
                 except (ProcessLookupError, PermissionError):
                     pass  # The group is empty, or only another user's processes are left.
 
-    def close(self, release: bool = True) -> None:
+    def close(self) -> None:
         """Release file descriptors; the process must have been reaped or killed.
 
-        ``release`` also hands the action's cgroup back; a caller that passes False calls
-        ``processes.release()`` itself later.
+        The caller hands the action's cgroup back with ``processes.release()`` afterwards.
         """
         if not self.exited:
             self._reap(blocking=True)
@@ -263,5 +262,3 @@ class ActionProcess:
                 except OSError:
                     pass
         self._stdout.close()
-        if release:
-            self.processes.release()

@@ -7,9 +7,11 @@ process group id and its session id. Descendants can leave that group with ``set
 ``cgroup`` (Linux with a writable cgroup v2)
     Each ``SessionProcesses`` creates a cgroup ``openjd-<session id>-<random>`` below the
     cgroup of this process, and each tracked action gets a child cgroup ``action-<n>``.
-    The child joins it before exec when ``Popen`` gets ``child_setup()`` as ``preexec_fn``;
-    otherwise ``track()`` moves the main process and the descendants it already has. Either
-    way everything the action starts later is born inside, whatever its session or group.
+    The child joins it before its command runs when it is a shell that writes
+    ``next_procs_file()`` and then execs the command (the library's way, see ``_launch``),
+    or when ``Popen`` gets ``child_setup()`` as ``preexec_fn``. Otherwise ``track()`` moves
+    the main process and the descendants it already has. Either way everything the action
+    starts later is born inside, whatever its session or group.
     A kill writes ``cgroup.kill`` (Linux 5.14 and later) or freezes the cgroup and signals
     every member. The cgroup of this process must be writable: as root, or in a subtree
     that systemd delegated to this user. Moving a process into a cgroup waits for an RCU
@@ -76,7 +78,6 @@ __all__ = (
 )
 
 TRACKING_ENV_VAR = "OPENJD_SESSIONS_PROCESS_TRACKING"
-_SHELL = "/bin/sh"
 CGROUP = "cgroup"
 PROCESS_GROUP = "process-group"
 
@@ -155,7 +156,7 @@ class ActionProcesses:
         self._signalled: dict[int, Optional[int]] = {}
 
         if cgroup is not None and joins_itself:
-            # The spawn_prefix() wrapper joins before it runs the command; if the join
+            # The shell in front of the command joins before it runs the command. If the join
             # fails it exits without running anything, so there is nothing to move.
             self.mechanism = CGROUP
             self.cgroup_path = cgroup
@@ -378,7 +379,7 @@ class SessionProcesses:
         self._actions: dict[int, ActionProcesses] = {}
         self._action_count = 0
         self._next_cgroup: Optional[str] = None  # Created by child_setup() for track().
-        self._next_joins_itself = False  # spawn_prefix() was used for the next child.
+        self._next_joins_itself = False  # next_procs_file() was used for the next child.
         self._spare: list[str] = []  # Empty action cgroups that earlier actions released.
         self._next_recycled = False
         self._standby: list[Standby] = []
@@ -426,26 +427,13 @@ class SessionProcesses:
             procs_file = os.path.join(self._next_cgroup, "cgroup.procs")
         return functools.partial(join_cgroup, procs_file)
 
-    def spawn_prefix(self) -> list[str]:
-        """Return the argument vector prefix that starts the next command in its cgroup.
-
-        The prefix runs ``/bin/sh``, which writes its own pid to the action cgroup's
-        ``cgroup.procs`` and then execs the command, so the command and every descendant
-        are born inside the cgroup. This costs one short exec of the shell; unlike a
-        ``preexec_fn`` it keeps ``Popen`` on vfork(), and unlike a move after the spawn it
-        leaves no window in which a descendant can escape. Returns an empty list for the
-        ``process-group`` mechanism; pass the child's pid to ``track()`` either way.
-        """
-        procs_file = self.next_procs_file()
-        if procs_file is None:
-            return []
-        return [_SHELL, "-c", 'echo 0 > "$1" && shift && exec "$@"', "openjd-sessions", procs_file]
-
     def next_procs_file(self) -> Optional[str]:
         """Return the ``cgroup.procs`` file that the next child writes its own pid to.
 
-        The next ``track()`` then expects the child to have joined by itself. Returns None
-        for the ``process-group`` mechanism, or when the cgroup could not be created.
+        The child is meant to be a shell that writes its pid there and then execs the
+        command, so the command and every descendant are born inside the cgroup. The next
+        ``track()`` then expects the child to have joined by itself. Returns None for the
+        ``process-group`` mechanism, or when the cgroup could not be created.
         """
         with self._lock:
             if self.cgroup_path is None or self._closed:
